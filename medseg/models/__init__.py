@@ -18,6 +18,7 @@ RESERVED_PARAMS = ("spatial_dims", "in_channels", "out_channels")
 # Architectures register themselves on import (one module each).
 from medseg.models import unet, vnet  # noqa: E402,F401
 # -- helper-registered architectures below this line --
+from medseg.models import deeplabv3plus, dynunet, fc_densenet, fcn, unet_resnet  # noqa: E402,F401
 
 
 def build_model(name: str, spatial_dims: int, in_channels: int, out_channels: int, params: dict[str, Any] | None = None) -> nn.Module:

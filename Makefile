@@ -1,0 +1,31 @@
+# The README's two commands:  `make demo`  and  `make test`  (each sets the project up first).
+# TORCH_SPEC: on a CUDA server install your CUDA build first (or set TORCH_SPEC); an existing torch in
+# the venv is kept. The default pin takes the CPU wheel on machines without one (no multi-GB CUDA pull).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.medseg-installed
+
+.PHONY: setup demo test test-slow benchmarks clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/medseg demo --workdir demo_run
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf demo_run .pytest_cache

@@ -1,0 +1,220 @@
+"""The ``medseg`` command line (thin: parse, build from config, call the engine).
+
+User errors (bad files, bad config) print one line ``medseg: error: <file>: <cause>`` and exit 1;
+usage errors exit 2; a batch with failed cases exits 3. ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from medseg.errors import MedsegError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Medical image segmentation: train, predict, evaluate (MONAI + MLflow).")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration presets.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: phantom, MSD import, validation.")
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+_STATE = {"debug": False}
+
+
+def _setup_logging(verbose: bool = True) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+    for noisy in ("mlflow", "alembic", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+    _STATE["debug"] = debug
+    _setup_logging()
+
+
+# ---- config -------------------------------------------------------------------------------------
+@config_app.command("show")
+def config_show(preset: str, overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides")] = None) -> None:
+    """Print the resolved config of PRESET (a name in configs/ or a YAML path) with overrides applied."""
+    from medseg.config import load_config
+
+    typer.echo(load_config(preset, overrides or []).to_yaml(), nl=False)
+
+
+@config_app.command("list")
+def config_list() -> None:
+    """List the presets in configs/."""
+    from medseg.config import CONFIG_DIR
+
+    for p in sorted(CONFIG_DIR.glob("*.yaml")):
+        typer.echo(p.stem)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+@data_app.command("phantom")
+def data_phantom(out: Path, cases: Annotated[int, typer.Option(min=2)] = 12, seed: int = 0,
+                 val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.25) -> None:
+    """Write the deterministic synthetic multi-organ CT phantom (NIfTI + dataset.json manifest) to OUT."""
+    from medseg.data.phantom import write_phantom
+
+    m = write_phantom(out, cases=cases, seed=seed, val_fraction=val_fraction)
+    typer.echo(f"wrote {len(m.cases)} cases and manifest {m.path}")
+
+
+@data_app.command("import-msd")
+def data_import_msd(msd_dir: Path, out: Annotated[Optional[Path], typer.Option(help="manifest path")] = None,
+                    val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0) -> None:
+    """Make a manifest from an MSD / nnU-Net dataset.json folder (data stays where it is)."""
+    from medseg.io.manifest import import_msd
+
+    target = out or Path("data_manifests") / f"{msd_dir.resolve().name.lower()}.json"
+    m = import_msd(msd_dir, target, val_fraction, test_fraction, seed)
+    counts = {s: len(m.split(s)) for s in ("train", "val", "test")}
+    typer.echo(f"wrote {m.path}: {len(m.cases)} cases {counts}, labels {m.labels}")
+
+
+@data_app.command("validate")
+def data_validate(manifest: Path) -> None:
+    """Check every case of a manifest (files, shapes, affines, label values, NaN)."""
+    from medseg.data.validation import validate_case
+    from medseg.io.manifest import load_manifest
+
+    m = load_manifest(manifest)
+    for c in m.cases:
+        validate_case(m, c)
+    typer.echo(f"{manifest}: {len(m.cases)} cases ok (fingerprint {m.fingerprint()})")
+
+
+# ---- train / predict / evaluate -----------------------------------------------------------------
+@app.command()
+def train(
+    preset: Annotated[Optional[str], typer.Argument(help="preset name or YAML path")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides, e.g. train.epochs=5")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: sqlite mlflow.db here)")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="resume the run in this folder (same MLflow run)")] = None,
+) -> None:
+    """Train a model from a preset; checkpoints every epoch; the best model is packaged in RUN/model."""
+    from medseg.config import config_from_yaml_text, load_config
+    from medseg.engine.trainer import Trainer
+    from medseg.io.manifest import load_manifest
+
+    if resume is not None:
+        cfg_file = resume / "config.yaml"
+        if not cfg_file.is_file():
+            raise MedsegError(f"{resume}: not a run folder (no config.yaml)")
+        cfg = config_from_yaml_text(cfg_file.read_text(), str(cfg_file))
+        if preset or overrides:
+            raise MedsegError("--resume takes the run's own config; do not pass a preset or overrides")
+    else:
+        if preset is None:
+            raise MedsegError("train needs a PRESET (see `medseg config list`) or --resume RUN_DIR")
+        cfg = load_config(preset, overrides or [])
+    manifest = load_manifest(cfg.data.manifest)
+    result = Trainer(cfg, manifest, run_dir=resume, tracking_uri=tracking_uri, resume=resume is not None).fit()
+    typer.echo(f"run folder: {result.run_dir}")
+    typer.echo(f"best epoch {result.best_epoch + 1}: val mean Dice {result.best_metric:.4f}")
+    if result.run_id:
+        typer.echo(f"mlflow run id: {result.run_id}")
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Option(help="model package folder, run folder, or models:/NAME/VERSION, runs:/ID/model")],
+    input: Annotated[Path, typer.Option("--input", help="NIfTI file, folder of NIfTI files, or manifest .json")],
+    output: Annotated[Path, typer.Option(help="output folder")],
+    split: Annotated[Optional[str], typer.Option(help="with a manifest: only this split")] = None,
+    device: str = "auto",
+    resume: Annotated[bool, typer.Option(help="skip cases whose outputs are complete")] = False,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow URI for models:/ and runs:/ references")] = None,
+) -> None:
+    """Segment scans; masks are written in each input scan's own geometry. Exit 3 if some cases failed."""
+    from medseg.inference.batch import discover_inputs, run_batch
+    from medseg.inference.model_package import load_package
+
+    cases = discover_inputs(input, split)
+    package = load_package(model, tracking_uri)
+    report = run_batch(package, cases, output, device=device, resume=resume, progress=sys.stderr.isatty())
+    typer.echo(f"{len(report.done)} predicted, {len(report.skipped)} already done, {len(report.failed)} failed -> {output}")
+    for cid, err in report.failed.items():
+        typer.echo(f"  failed {cid}: {err}", err=True)
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
+
+
+@app.command()
+def evaluate(
+    pred: Annotated[Path, typer.Option(help="folder of <case id>.nii.gz predictions")],
+    manifest: Annotated[Path, typer.Option(help="manifest with the ground truth")],
+    out: Annotated[Optional[Path], typer.Option(help="output folder (default PRED/evaluation)")] = None,
+    split: Optional[str] = None,
+    tolerance_mm: Annotated[float, typer.Option(help="NSD tolerance in mm")] = 2.0,
+    workers: Annotated[int, typer.Option(min=1)] = 1,
+) -> None:
+    """Per-case, per-organ metrics (CSV) and per-organ summaries with 95% CI (JSON)."""
+    from medseg.evaluation.report import evaluate as run_eval
+
+    doc = run_eval(pred, manifest, out, split=split, tolerance_mm=tolerance_mm, workers=workers)
+    _print_summary(doc)
+
+
+def _print_summary(doc: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"per-organ metrics over {doc['n_cases']} cases (mean [95% CI])")
+    table.add_column("organ")
+    for m in ("dice", "iou", "hd95"):
+        table.add_column(m)
+    for organ, ms in doc["organs"].items():
+        cells = []
+        for m in ("dice", "iou", "hd95"):
+            s = ms.get(m)
+            cells.append("-" if not s or s["mean"] is None else f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]")
+        table.add_row(organ, *cells)
+    Console().print(table)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="where the phantom, runs, predictions and MLflow store go")] = Path("demo_run"),
+    epochs: Annotated[Optional[int], typer.Option(help="override the preset's epochs")] = None,
+    cases: Annotated[int, typer.Option(min=4)] = 16,
+    tracking_uri: Optional[str] = None,
+) -> None:
+    """Phantom -> train -> predict -> evaluate, then print the per-organ table and where to look."""
+    from medseg.demo import run_demo
+
+    run_demo(workdir, epochs=epochs, cases=cases, tracking_uri=tracking_uri)
+
+
+def main() -> None:
+    """Console entry point with one-line user errors."""
+    debug = "--debug" in sys.argv
+    try:
+        rv = app(prog_name="medseg", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except MedsegError as e:
+        if debug:
+            raise
+        print(f"medseg: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Configuration: pydantic models, YAML presets and dotted command-line overrides.
+
+One place for defaults. Every model forbids unknown keys, so a typo in a preset or an override is an
+error that names the exact key path (``train.epochz``), never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medseg.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class IntensityConfig(_Strict):
+    """Intensity normalisation: CT window (HU clip to [lower, upper] then to [0, 1]) or per-volume z-score."""
+
+    mode: Literal["ct_window", "zscore"] = "zscore"
+    lower: float = -1000.0
+    upper: float = 1000.0
+    nonzero: bool = False
+
+    @model_validator(mode="after")
+    def _window_ordered(self) -> IntensityConfig:
+        if self.mode == "ct_window" and not self.lower < self.upper:
+            raise ValueError("ct_window needs lower < upper")
+        return self
+
+
+class DataConfig(_Strict):
+    """Where the data is and how it is preprocessed and sampled."""
+
+    manifest: Path = Path("data_manifests/phantom.json")
+    spacing: tuple[float, ...] | None = Field(default=None, description="target voxel spacing (mm); None keeps native")
+    orientation: str = "RAS"
+    intensity: IntensityConfig = IntensityConfig()
+    crop_foreground: bool = True
+    foreground_threshold: float | None = Field(default=None, description="raw intensity above which a voxel is body; None: above the minimum")
+    patch_size: tuple[int, ...] = (64, 64, 32)
+    samples_per_volume: int = Field(default=2, ge=1)
+    pos_fraction: float = Field(default=0.67, ge=0.0, le=1.0, description="share of patches centred on foreground")
+    class_ratios: list[float] | None = Field(default=None, description="per-class patch-centre ratios (class-balanced sampling)")
+    batch_size: int = Field(default=2, ge=1)
+    num_workers: int = Field(default=0, ge=0)
+    cache: Literal["memory", "disk", "none"] = "memory"
+    cache_dir: Path | None = None
+    augment: bool = True
+
+    @field_validator("spacing")
+    @classmethod
+    def _positive_spacing(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if v is not None and any(s <= 0 for s in v):
+            raise ValueError("spacing values must be > 0")
+        return v
+
+    @field_validator("patch_size")
+    @classmethod
+    def _positive_patch(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(s <= 0 for s in v):
+            raise ValueError("patch_size values must be > 0")
+        return v
+
+
+class ModelConfig(_Strict):
+    """Architecture by registry name; ``params`` are passed to its builder (checked against its signature)."""
+
+    name: str = "unet"
+    spatial_dims: Literal[2, 3] = 3
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class LossConfig(_Strict):
+    """Loss by registry name with its parameters."""
+
+    name: str = "dice_focal"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(_Strict):
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-5, ge=0)
+    momentum: float = 0.99
+    nesterov: bool = True
+    scheduler: Literal["none", "poly", "cosine"] = "poly"
+    warmup_epochs: int = Field(default=0, ge=0)
+    grad_clip: float | None = 12.0
+
+
+class TrainConfig(_Strict):
+    """Training loop settings."""
+
+    epochs: int = Field(default=50, ge=1)
+    val_every: int = Field(default=5, ge=1)
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    amp: Literal["auto", "off", "fp16", "bf16"] = "auto"
+    output_dir: Path = Path("runs")
+    run_name: str | None = None
+    max_minutes: float | None = Field(default=None, gt=0)
+    early_stopping_patience: int | None = Field(default=None, ge=1)
+    grad_accumulation: int = Field(default=1, ge=1)
+
+
+class InferenceConfig(_Strict):
+    """Sliding-window inference and post-processing."""
+
+    roi_size: tuple[int, ...] | None = None
+    overlap: float = Field(default=0.5, ge=0.0, lt=1.0)
+    sw_batch_size: int = Field(default=4, ge=1)
+    blend_mode: Literal["gaussian", "constant"] = "gaussian"
+    tta_mirror: bool = False
+    keep_largest_component: bool = False
+
+
+class TrackingConfig(_Strict):
+    """Experiment tracking. ``uri`` None means a local SQLite store ``mlflow.db`` in the working folder."""
+
+    backend: Literal["mlflow", "none"] = "mlflow"
+    uri: str | None = None
+    experiment: str = "medseg"
+    registered_model_name: str | None = None
+
+
+class Config(_Strict):
+    """The whole resolved configuration of a run."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    inference: InferenceConfig = InferenceConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _dims_agree(self) -> Config:
+        nd = self.model.spatial_dims
+        if len(self.data.patch_size) != nd:
+            raise ValueError(f"data.patch_size has {len(self.data.patch_size)} values but model.spatial_dims is {nd}")
+        if self.data.spacing is not None and len(self.data.spacing) != 3:
+            raise ValueError("data.spacing must have 3 values (volumes are resampled in 3D)")
+        roi = self.inference.roi_size
+        if roi is not None and len(roi) != nd:
+            raise ValueError(f"inference.roi_size has {len(roi)} values but model.spatial_dims is {nd}")
+        return self
+
+    @property
+    def roi_size(self) -> tuple[int, ...]:
+        """Sliding-window ROI: ``inference.roi_size`` or the training patch size."""
+        return tuple(self.inference.roi_size or self.data.patch_size)
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (paths as strings)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat(self) -> dict[str, str]:
+        """Flattened ``{"train.epochs": "50", ...}`` (for MLflow params)."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten nested dicts into dotted keys with string values."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)
+    return out
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"{source}: invalid config: " + "; ".join(parts)
+
+
+def resolve_preset(preset: str | Path) -> Path:
+    """A preset is a YAML path or a name in ``configs/`` (``phantom_unet3d``)."""
+    p = Path(preset)
+    if p.suffix in {".yaml", ".yml"} or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        return p
+    candidate = CONFIG_DIR / f"{preset}.yaml"
+    if not candidate.is_file():
+        names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"{preset}: no such preset; available: {', '.join(names)}")
+    return candidate
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.epochs=5"`` -> (["train", "epochs"], 5); values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE (e.g. train.epochs=5)")
+    key, raw = text.split("=", 1)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e.__class__.__name__})") from None
+    return keys, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (unknown keys are caught later by validation)."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: {k!r} is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a preset (or defaults), apply overrides, validate; errors name the file and key path."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if preset is not None:
+        path = resolve_preset(preset)
+        source = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    raw = apply_overrides(raw, list(overrides or []))
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+    _check_registry_params(cfg, source)
+    return cfg
+
+
+def _check_registry_params(cfg: Config, source: str) -> None:
+    # Imported here: model/loss modules import torch and MONAI, which config loading should not need
+    # until a preset actually names them.
+    from medseg.losses import LOSSES
+    from medseg.models import MODELS, RESERVED_PARAMS
+
+    for section, registry, name, params, reserved in (
+        ("model", MODELS, cfg.model.name, cfg.model.params, RESERVED_PARAMS),
+        ("loss", LOSSES, cfg.loss.name, cfg.loss.params, ("num_classes",)),
+    ):
+        try:
+            registry.check_params(name, params, reserved)
+        except KeyError as e:
+            raise ConfigError(f"{source}: {section}.name: {e.args[0]}") from None
+        except ValueError as e:
+            raise ConfigError(f"{source}: {section}.params: {e}") from None
+
+
+def config_from_yaml_text(text: str, source: str = "config") -> Config:
+    """Validate a resolved config stored as YAML (e.g. inside a model package)."""
+    try:
+        return Config.model_validate(yaml.safe_load(text) or {})
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None

@@ -1,0 +1,1 @@
+"""Data: phantom generation, input validation, MONAI transform pipelines and loaders."""

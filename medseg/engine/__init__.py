@@ -1,0 +1,1 @@
+"""Training engine: device/AMP selection, checkpoints, distributed helpers and the trainer."""

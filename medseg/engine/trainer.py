@@ -1,0 +1,385 @@
+"""The training loop: patches in, sliding-window validation, atomic checkpoints, batched tracking.
+
+Run folder layout (``train.output_dir / run_name``)::
+
+    config.yaml               resolved config of the run
+    manifest.json             copy of the dataset manifest
+    checkpoints/last.pt       full state after every epoch (model, optimizer, scheduler, scaler, RNG, run id)
+    model/                    model package of the best epoch (see inference.model_package)
+    history.csv               per-epoch metrics
+    val_cases_best.csv        per-case, per-organ metrics of the best epoch
+
+Every epoch re-seeds the global and transform RNGs from ``(seed, epoch, rank)``, so a run resumed from
+``last.pt`` draws exactly the patches an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from monai.inferers import sliding_window_inference
+from monai.metrics import compute_dice, compute_iou
+from monai.networks.utils import one_hot
+from monai.utils import set_determinism
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DistributedSampler
+
+from medseg.config import Config
+from medseg.data.transforms import eval_transforms, train_transforms
+from medseg.data.validation import validate_cases
+from medseg.engine import distributed as dist_utils
+from medseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medseg.engine.device import Precision, resolve_device, resolve_precision
+from medseg.engine.schedules import build_optimizer, build_scheduler
+from medseg.errors import MedsegError
+from medseg.inference.model_package import save_package
+from medseg.inference.sliding import predictor_for
+from medseg.io.atomic import write_text_atomic
+from medseg.io.manifest import Manifest
+from medseg.losses import build_loss, wrap_deep_supervision
+from medseg.models import build_model
+from medseg.tracking import NullTracker, Tracker, git_commit, make_tracker
+
+log = logging.getLogger("medseg.train")
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) training run produced."""
+
+    run_dir: Path
+    run_id: str | None
+    epochs_run: int
+    best_epoch: int
+    best_metric: float
+    best_per_class: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _case_dicts(manifest: Manifest, split: str) -> list[dict[str, Any]]:
+    out = []
+    for c in manifest.split(split):  # type: ignore[arg-type]
+        images = [str(p) for p in manifest.image_paths(c)]
+        out.append({"image": images if len(images) > 1 else images[0], "label": str(manifest.label_path(c)), "id": c.id})
+    return out
+
+
+class Trainer:
+    """Builds everything from a config and a manifest, then ``fit()`` trains."""
+
+    def __init__(self, cfg: Config, manifest: Manifest, run_dir: Path | None = None, tracking_uri: str | None = None,
+                 resume: bool = False) -> None:
+        self.cfg = cfg
+        self.manifest = manifest
+        self.rank, self.world, local_rank = dist_utils.init_distributed()
+        self.device = resolve_device(cfg.train.device, local_rank)
+        self.precision: Precision = resolve_precision(cfg.train.amp, self.device)
+        name = cfg.train.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if not resume and self.world > 1:  # every rank must agree on the run folder
+            name = str(dist_utils.broadcast_object(name))
+        self.run_dir = Path(run_dir) if run_dir else Path(cfg.train.output_dir) / name
+        self.resume = resume
+        self.tracking_uri = tracking_uri
+        self.labels = manifest.foreground
+        self.num_classes = manifest.num_classes
+        self.tracker: Tracker = NullTracker()
+
+    # ---- construction ----------------------------------------------------------------------------
+    def _seed(self, epoch: int) -> None:
+        seed = self.cfg.train.seed + 1000 * epoch + self.rank
+        set_determinism(seed=seed, use_deterministic_algorithms=None)
+        if hasattr(self, "train_ds"):
+            self.train_ds.transform.set_random_state(seed=seed)
+            self.loader_gen.manual_seed(seed)
+
+    def _datasets(self) -> None:
+        cfg = self.cfg
+        train_cases = _case_dicts(self.manifest, "train")
+        val_cases = _case_dicts(self.manifest, "val")
+        if not train_cases:
+            raise MedsegError(f"{self.manifest.path}: no cases with split 'train'")
+        validate_cases(self.manifest, self.manifest.split("train", "val"))
+        ttf = train_transforms(cfg, self.num_classes)
+        if cfg.data.cache == "memory":
+            self.train_ds = CacheDataset(train_cases, ttf, cache_rate=1.0, num_workers=max(1, cfg.data.num_workers), progress=False)
+        elif cfg.data.cache == "disk":
+            cache_dir = cfg.data.cache_dir or (self.run_dir / "cache")
+            self.train_ds = PersistentDataset(train_cases, ttf, cache_dir=cache_dir)
+        else:
+            self.train_ds = Dataset(train_cases, ttf)
+        self.loader_gen = torch.Generator()
+        self.sampler = DistributedSampler(self.train_ds, shuffle=True, seed=cfg.train.seed) if self.world > 1 else None
+        self.train_loader = DataLoader(
+            self.train_ds, batch_size=cfg.data.batch_size, shuffle=self.sampler is None, sampler=self.sampler,
+            num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda", generator=self.loader_gen,
+            persistent_workers=False,
+        )
+        my_val = val_cases[self.rank :: self.world]  # each rank validates its own share of cases
+        vtf = eval_transforms(cfg, with_label=True)
+        self.val_ds = CacheDataset(my_val, vtf, cache_rate=1.0, num_workers=1, progress=False) if cfg.data.cache == "memory" else Dataset(my_val, vtf)
+        self.num_val_cases = len(val_cases)
+
+    def _model(self) -> None:
+        cfg = self.cfg
+        self._seed(0)
+        self.model = build_model(cfg.model.name, cfg.model.spatial_dims, self.manifest.num_channels, self.num_classes, cfg.model.params).to(self.device)
+        self.net: nn.Module = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) if self.world > 1 else self.model
+        self.loss_fn = build_loss(cfg.loss.name, self.num_classes, cfg.loss.params)
+        # Deep-supervision nets return every decoder head in train mode; eval mode gives one tensor.
+        deep = bool(cfg.model.params.get("deep_supervision"))
+        self.train_loss_fn = wrap_deep_supervision(self.loss_fn) if deep else self.loss_fn
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.train.epochs)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
+
+    # ---- one epoch -------------------------------------------------------------------------------
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        self.net.train()
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        accum = self.cfg.train.grad_accumulation
+        total, n, t_data, t0 = 0.0, 0, 0.0, time.perf_counter()
+        tick = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        for step, batch in enumerate(self.train_loader):
+            t_data += time.perf_counter() - tick
+            image = batch["image"].to(self.device, non_blocking=True)
+            label = batch["label"].to(self.device, non_blocking=True)
+            with self.precision.autocast(self.device):
+                out = self.net(image)
+            loss = self.train_loss_fn(out.float(), label)
+            self.scaler.scale(loss / accum).backward()
+            if (step + 1) % accum == 0 or step + 1 == len(self.train_loader):
+                if self.cfg.optimizer.grad_clip:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optimizer.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+            total += float(loss.detach()) * image.shape[0]
+            n += image.shape[0]
+            tick = time.perf_counter()
+        sums = dist_utils.all_reduce_sum(torch.tensor([total, float(n)], dtype=torch.float64))
+        elapsed = time.perf_counter() - t0
+        return {"train_loss": float(sums[0] / max(sums[1], 1)), "lr": self.optimizer.param_groups[0]["lr"],
+                "time_epoch_s": elapsed, "time_data_fraction": t_data / max(elapsed, 1e-9)}
+
+    @torch.inference_mode()
+    def validate(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Sliding-window validation on whole preprocessed val volumes; per-organ Dice/IoU by name."""
+        self.model.eval()
+        predictor = predictor_for(self.model, self.cfg.model.spatial_dims)
+        inf = self.cfg.inference
+        rows: list[dict[str, Any]] = []
+        for item in self.val_ds:
+            image = item["image"].unsqueeze(0).to(self.device)
+            label = item["label"].unsqueeze(0).to(self.device)
+            with self.precision.autocast(self.device):
+                logits = sliding_window_inference(image, self._window(), inf.sw_batch_size, predictor, overlap=inf.overlap,
+                                                  mode=inf.blend_mode)
+            logits = logits.float()
+            loss = float(self.loss_fn(logits, label))
+            pred = one_hot(logits.argmax(1, keepdim=True), self.num_classes)
+            truth = one_hot(label.long(), self.num_classes)
+            dice = compute_dice(pred, truth, include_background=False, ignore_empty=False)[0].cpu().numpy()
+            iou = compute_iou(pred, truth, include_background=False, ignore_empty=False)[0].cpu().numpy()
+            row: dict[str, Any] = {"case": item["id"], "val_loss": loss}
+            for name, value in self.labels.items():
+                row[f"dice_{name}"] = float(dice[value - 1])
+                row[f"iou_{name}"] = float(iou[value - 1])
+            rows.append(row)
+        all_rows = [r for part in dist_utils.all_gather_objects(rows) for r in part]  # type: ignore[union-attr]
+        summary: dict[str, float] = {}
+        if all_rows:
+            summary["val_loss"] = float(np.mean([r["val_loss"] for r in all_rows]))
+            for metric in ("dice", "iou"):
+                per = [float(np.nanmean([r[f"{metric}_{n}"] for r in all_rows])) for n in self.labels]
+                for name, v in zip(self.labels, per, strict=True):
+                    summary[f"val_{metric}_{name}"] = v
+                summary[f"val_{metric}_mean"] = float(np.nanmean(per))
+        return summary, all_rows
+
+    def _window(self) -> tuple[int, ...]:
+        roi = self.cfg.roi_size
+        return roi if self.cfg.model.spatial_dims == 3 else (*roi, 1)
+
+    # ---- state -----------------------------------------------------------------------------------
+    def _state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "epoch": epoch, "best_metric": self.best_metric, "best_epoch": self.best_epoch,
+            "bad_rounds": self.bad_rounds, "run_id": self.tracker.run_id or "", "rng": rng_state(),
+            "elapsed_s": self.elapsed_before + (time.time() - self.t_start),
+        }
+
+    def _restore(self) -> int:
+        ckpt = load_checkpoint(self.run_dir / "checkpoints" / "last.pt", map_location=self.device)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.best_metric, self.best_epoch = float(ckpt["best_metric"]), int(ckpt["best_epoch"])
+        self.bad_rounds = int(ckpt["bad_rounds"])
+        self.elapsed_before = float(ckpt["elapsed_s"])
+        set_rng_state(ckpt["rng"])
+        self._resume_run_id = ckpt["run_id"] or None
+        return int(ckpt["epoch"]) + 1
+
+    def _start_tracking(self) -> None:
+        if not dist_utils.is_main():
+            return
+        self.tracker = make_tracker(self.cfg.tracking, self.tracking_uri)
+        run_id = self.tracker.start(run_name=self.run_dir.name, run_id=getattr(self, "_resume_run_id", None))
+        if getattr(self, "_resume_run_id", None) is None:
+            self.tracker.log_params(self.cfg.flat())
+            self.tracker.set_tags({
+                "mlflow.source.git.commit": git_commit(), "git_commit": git_commit(),
+                "dataset_name": self.manifest.name, "dataset_fingerprint": self.manifest.fingerprint(),
+                "torch_version": torch.__version__, "monai_version": __import__("monai").__version__,
+                "cuda_version": str(torch.version.cuda), "device": self._device_name(),
+                "world_size": self.world, "amp": str(self.precision.dtype), "run_dir": str(self.run_dir.resolve()),
+            })
+            self.tracker.log_artifact(self.run_dir / "config.yaml", "config")
+            self.tracker.log_artifact(self.run_dir / "manifest.json", "data")
+        if run_id:
+            write_text_atomic(self.run_dir / "mlflow_run_id.txt", run_id + "\n")
+
+    def _device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
+    # ---- main loop -------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Train for ``train.epochs`` (or until the time budget / early stopping), validating every k epochs."""
+        cfg = self.cfg
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        else:
+            torch.backends.cudnn.benchmark = self.device.type == "cuda"
+        if dist_utils.is_main():
+            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            if not self.resume:
+                write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
+                self.manifest_copy()
+        self._datasets()
+        self._model()
+        self.best_metric, self.best_epoch, self.bad_rounds, self.elapsed_before = -math.inf, -1, 0, 0.0
+        start_epoch = self._restore() if self.resume else 0
+        self._start_tracking()
+        self.t_start = time.time()
+        best_rows: list[dict[str, Any]] = []
+        epoch = start_epoch - 1
+        status = "FINISHED"
+        try:
+            for epoch in range(start_epoch, cfg.train.epochs):
+                self._seed(epoch + 1)
+                metrics = self._train_epoch(epoch)
+                self.scheduler.step()
+                last = epoch + 1 == cfg.train.epochs
+                if (epoch + 1) % cfg.train.val_every == 0 or last:
+                    summary, rows = self.validate()
+                    metrics.update(summary)
+                    score = summary.get("val_dice_mean", -metrics["train_loss"])
+                    if score > self.best_metric:
+                        self.best_metric, self.best_epoch, best_rows, self.bad_rounds = score, epoch, rows, 0
+                        self._save_best(epoch, summary, rows)
+                    else:
+                        self.bad_rounds += 1
+                self._log_epoch(epoch, metrics)
+                if dist_utils.is_main():
+                    save_checkpoint(self.run_dir / "checkpoints" / "last.pt", self._state(epoch))
+                dist_utils.barrier()
+                if self._should_stop(epoch, metrics):
+                    break
+        except BaseException:
+            status = "FAILED"  # KeyboardInterrupt/SIGTERM too; the run can be resumed from last.pt
+            raise
+        finally:
+            if status == "FINISHED":
+                self._finish(best_rows)
+            self.tracker.end(status)
+        best_per_class = {n: {"dice": best_rows_mean(best_rows, f"dice_{n}"), "iou": best_rows_mean(best_rows, f"iou_{n}")}
+                          for n in self.labels} if best_rows else {}
+        return TrainResult(self.run_dir, self.tracker.run_id, epoch + 1, self.best_epoch, self.best_metric, best_per_class)
+
+    def manifest_copy(self) -> None:
+        """Keep the manifest beside the run (with its root re-anchored) for reproducibility."""
+        import json
+
+        data = self.manifest.to_json()
+        data["medseg"]["source"] = str(self.manifest.path)
+        write_text_atomic(self.run_dir / "manifest.json", json.dumps(data, indent=2) + "\n")
+
+    def _should_stop(self, epoch: int, metrics: dict[str, float]) -> bool:
+        cfg = self.cfg.train
+        stop = False
+        if cfg.early_stopping_patience and self.bad_rounds >= cfg.early_stopping_patience:
+            log.info("early stopping: no val improvement in %d rounds", self.bad_rounds)
+            stop = True
+        if cfg.max_minutes is not None:
+            spent = time.time() - self.t_start
+            if self.elapsed_before + spent + metrics["time_epoch_s"] > cfg.max_minutes * 60:
+                log.info("time budget of %.1f min reached after epoch %d", cfg.max_minutes, epoch + 1)
+                stop = True
+        return bool(dist_utils.broadcast_object(stop))
+
+    def _log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        if not dist_utils.is_main():
+            return
+        self.tracker.log_metrics(metrics, step=epoch)
+        hist = self.run_dir / "history.csv"
+        row = {"epoch": epoch, **metrics}
+        new = not hist.exists()
+        with hist.open("a", newline="") as fh:  # append-only log; a torn last line is harmless
+            w = csv.DictWriter(fh, fieldnames=list(row), extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_loss", "val_dice_mean", "val_iou_mean"))
+        log.info("epoch %d/%d %s (%.1f s)", epoch + 1, self.cfg.train.epochs, shown, metrics["time_epoch_s"])
+
+    def _save_best(self, epoch: int, summary: dict[str, float], rows: list[dict[str, Any]]) -> None:
+        if not dist_utils.is_main():
+            return
+        extra = {"run_id": self.tracker.run_id, "epoch": epoch, "val_metrics": summary,
+                 "dataset_fingerprint": self.manifest.fingerprint(), "git_commit": git_commit()}
+        save_package(self.run_dir / "model", self.model, self.cfg, self.manifest, extra)
+        write_rows_csv(self.run_dir / "val_cases_best.csv", rows)
+
+    def _finish(self, best_rows: list[dict[str, Any]]) -> None:
+        if not dist_utils.is_main():
+            return
+        if (self.run_dir / "model").exists():
+            self.tracker.set_tags({"best_epoch": self.best_epoch, "best_val_dice_mean": f"{self.best_metric:.4f}"})
+            self.tracker.log_artifact(self.run_dir / "history.csv", "metrics")
+            if (self.run_dir / "val_cases_best.csv").exists():
+                self.tracker.log_artifact(self.run_dir / "val_cases_best.csv", "metrics")
+            self.tracker.log_artifact(self.run_dir / "model", "model")
+
+
+def best_rows_mean(rows: list[dict[str, Any]], key: str) -> float:
+    """Mean of one column over per-case rows (NaN-aware)."""
+    return float(np.nanmean([r[key] for r in rows])) if rows else float("nan")
+
+
+def write_rows_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Atomically write dict rows as CSV."""
+    import io
+
+    if not rows:
+        return
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(path, buf.getvalue())

@@ -1,0 +1,1 @@
+"""Image I/O: NIfTI, DICOM series, DICOM-SEG, dataset manifests."""

@@ -1,0 +1,61 @@
+"""Atomic file writes: write to a temp file in the target folder, fsync, then ``os.replace``.
+
+A killed process leaves either the old file or the new one, never half of it. Temp files start with a dot
+and carry ``.tmp`` before any format suffix; readers of output folders skip dot-files (``is_output_file``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path next to ``target``; on success it is renamed onto ``target``.
+
+    ``suffix`` lets writers that infer the format from the extension (nibabel: ``.nii.gz``) see it.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; outputs get normal permissions
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_atomic(target: str | Path, writer: Callable[[Path], Any], suffix: str = "") -> Path:
+    """Call ``writer(tmp_path)`` then atomically move the result to ``target``."""
+    with atomic_path(target, suffix) as tmp:
+        writer(tmp)
+    return Path(target)
+
+
+def write_text_atomic(target: str | Path, text: str) -> Path:
+    """Atomically write a text file."""
+    return write_atomic(target, lambda p: p.write_text(text))
+
+
+def write_json_atomic(target: str | Path, obj: Any) -> Path:
+    """Atomically write JSON (indented, keys in insertion order)."""
+    return write_text_atomic(target, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def is_output_file(path: Path) -> bool:
+    """False for hidden files, which include in-flight atomic temp files."""
+    return not path.name.startswith(".")

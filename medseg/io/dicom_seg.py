@@ -1,0 +1,132 @@
+"""DICOM-SEG output and input with highdicom: one binary segment per label, aligned with the source slices.
+
+A label array here is in the source series' voxel order: shape (n_slices, rows, columns) with slices
+sorted as in ``SeriesInfo.files`` (the order of ``sitk.GetArrayFromImage(read_series(info))``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.coding import Code
+from pydicom.sr.codedict import codes
+
+from medseg.errors import InputError
+from medseg.io.atomic import atomic_path
+from medseg.io.dicom_series import SeriesInfo
+
+DEFAULT_CATEGORY = codes.SCT.Tissue  # SCT 85756007, CID 7150 "Segmentation Property Categories"
+DEFAULT_TYPE = codes.SCT.Tissue
+
+
+def write_dicom_seg(
+    label_array: np.ndarray,
+    source_files: Sequence[Path],
+    label_map: dict[str, int],
+    out_path: Path,
+    *,
+    algorithm_name: str,
+    algorithm_version: str,
+    series_description: str = "medseg segmentation",
+    series_number: int = 100,
+    segment_codes: Mapping[str, tuple[Code, Code]] | None = None,
+) -> Path:
+    """Write ``label_array`` as a BINARY DICOM-SEG referencing ``source_files``, atomically.
+
+    ``label_map`` maps segment names to label values (background 0 is not a segment). Segments are
+    numbered 1..K in order of label value; each is AUTOMATIC, made by ``algorithm_name``
+    ``algorithm_version``, with category/type ``segment_codes[name]`` (default SCT "Tissue"/"Tissue").
+    Labels absent from the array still get a (empty) segment.
+    """
+    out_path = Path(out_path)
+    labels = _check_label_map(label_map)
+    sources = [pydicom.dcmread(Path(f), stop_before_pixels=True) for f in source_files]
+    expected = (len(sources), int(sources[0].Rows), int(sources[0].Columns)) if sources else None
+    if label_array.shape != expected:
+        raise ValueError(f"label array shape {label_array.shape} != source series (slices, rows, cols) {expected}")
+    if not (np.issubdtype(label_array.dtype, np.integer) or label_array.dtype == bool):
+        raise ValueError(f"label array must hold integers, got {label_array.dtype}")
+    unknown = sorted(set(np.unique(label_array).tolist()) - {0, *label_map.values()})
+    if unknown:
+        raise ValueError(f"label values {unknown} are not in the label map {label_map}")
+
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=algorithm_name, version=algorithm_version, family=codes.cid7162.ArtificialIntelligence
+    )
+    descriptions = []
+    segment_of_label = np.zeros(max(labels.values()) + 1, dtype=np.uint16)
+    for number, (name, value) in enumerate(sorted(labels.items(), key=lambda kv: kv[1]), start=1):
+        category, prop_type = (segment_codes or {}).get(name, (DEFAULT_CATEGORY, DEFAULT_TYPE))
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number, segment_label=name, segmented_property_category=category,
+            segmented_property_type=prop_type, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        ))
+        segment_of_label[value] = number
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=segment_of_label[label_array.astype(np.intp)],  # segment numbers, a plane per source
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="medseg",
+        manufacturer_model_name=algorithm_name,
+        software_versions=algorithm_version,
+        device_serial_number="0",
+        series_description=series_description,
+        omit_empty_frames=bool(label_array.any()),  # an all-empty SEG still needs frames
+    )
+    with atomic_path(out_path, suffix=".dcm") as tmp:
+        seg.save_as(tmp)
+    return out_path
+
+
+def read_dicom_seg(path: Path, source_info: SeriesInfo, label_map: Mapping[str, int] | None = None) -> np.ndarray:
+    """Read a DICOM-SEG into a label array aligned with ``source_info`` (n_slices, rows, columns).
+
+    Voxels get their segment number, or ``label_map[segment label]`` when a label map is given.
+    Overlapping segments cannot form a label array and are an ``InputError``.
+    """
+    path = Path(path)
+    try:
+        seg = hd.seg.segread(path)
+    except Exception as e:
+        raise InputError(path, f"not a readable DICOM-SEG ({type(e).__name__})") from e
+    referenced = {str(s.SeriesInstanceUID) for s in seg.get("ReferencedSeriesSequence", [])}
+    if source_info.uid not in referenced:
+        raise InputError(path, f"the SEG does not reference source series {source_info.case_id}")
+    if seg.segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL:
+        raise InputError(path, "FRACTIONAL segmentations are not supported; need BINARY or LABELMAP")
+    try:
+        numbers = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=source_info.sop_instance_uids,
+            combine_segments=True,
+            assert_missing_frames_are_empty=True,  # empty frames are omitted from the SEG
+        )
+    except (ValueError, RuntimeError) as e:
+        raise InputError(path, f"cannot align segments with the source slices ({e})") from e
+    if label_map is None:
+        return numbers.astype(np.uint16)
+    lut = np.zeros(max(seg.segment_numbers, default=0) + 1, dtype=np.uint16)
+    for number in seg.segment_numbers:
+        name = seg.get_segment_description(number).segment_label
+        if name not in label_map:
+            raise InputError(path, f"segment {number} {name!r} is not in the label map {sorted(label_map)}")
+        lut[number] = label_map[name]
+    return lut[numbers]
+
+
+def _check_label_map(label_map: Mapping[str, int]) -> dict[str, int]:
+    if not label_map:
+        raise ValueError("label map is empty: need at least one segment")
+    values = list(label_map.values())
+    if any(not isinstance(v, (int, np.integer)) or v <= 0 for v in values) or len(set(values)) != len(values):
+        raise ValueError(f"label map values must be distinct positive integers (0 is background): {label_map}")
+    return {str(k): int(v) for k, v in label_map.items()}

@@ -1,0 +1,62 @@
+"""NIfTI reading with validation, and atomic writing of label maps in a reference geometry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medseg.errors import InputError
+from medseg.io.atomic import atomic_path
+
+
+def load_nifti(path: str | Path) -> nib.Nifti1Image:
+    """Load a NIfTI header (data stays lazy); a missing or unreadable file is an ``InputError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    try:
+        img = nib.load(str(path))
+    except Exception as e:  # nibabel raises many types for corrupt files
+        raise InputError(path, f"not a readable NIfTI file ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(path, f"not a NIfTI image ({type(img).__name__})")
+    if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
+        raise InputError(path, "invalid affine (singular or not finite)")
+    return img
+
+
+def read_array(img: nib.Nifti1Image, path: str | Path) -> np.ndarray:
+    """Read voxel data, turning truncated/corrupt payloads into an ``InputError``."""
+    try:
+        return np.asanyarray(img.dataobj)
+    except Exception as e:
+        raise InputError(path, f"cannot read voxel data ({e.__class__.__name__})") from None
+
+
+def voxel_spacing(affine: np.ndarray) -> tuple[float, ...]:
+    """Voxel spacing (mm) from an affine's column norms."""
+    return tuple(float(x) for x in np.linalg.norm(affine[:3, :3], axis=0))
+
+
+def save_label_like(labels: np.ndarray, reference: nib.Nifti1Image, out_path: str | Path) -> Path:
+    """Write ``labels`` with exactly the reference image's affine and (q/s)form codes, atomically.
+
+    The reference is the *input scan*: copying its header geometry is what makes the mask overlay it.
+    """
+    if labels.shape[:3] != reference.shape[:3]:
+        raise ValueError(f"label shape {labels.shape} != reference shape {reference.shape[:3]}")
+    max_label = int(labels.max()) if labels.size else 0
+    dtype = np.uint8 if max_label < 256 else np.uint16
+    header = reference.header.copy()
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(1, 0)
+    out = nib.Nifti1Image(labels.astype(dtype), reference.affine, header)
+    qform, qcode = reference.get_qform(coded=True)
+    sform, scode = reference.get_sform(coded=True)
+    out.set_qform(qform if qform is not None else reference.affine, int(qcode) if qcode else 1)
+    out.set_sform(sform if sform is not None else reference.affine, int(scode) if scode else 1)
+    with atomic_path(out_path, suffix=".nii.gz") as tmp:
+        nib.save(out, str(tmp))
+    return Path(out_path)

@@ -1,0 +1,103 @@
+"""Shared fixtures: a real MLflow tracking server on 127.0.0.1, tiny phantoms, the shared real data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+MEDSEG = [sys.executable, "-m", "medseg.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Start ``mlflow server`` (SQLite backend, served artifacts) on 127.0.0.1; yield its URI."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    cmd = [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts"]
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+    yield uri
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-case phantom (small volumes) written once per session; returns its manifest path."""
+    from medseg.data.phantom import write_phantom
+
+    out = tmp_path_factory.mktemp("phantom")
+    m = write_phantom(out, cases=6, seed=0, val_fraction=0.34, shape=(48, 48, 24), spacing=(3.0, 3.0, 4.0))
+    return m.path
+
+
+@pytest.fixture
+def phantom_copy(tiny_phantom: Path, tmp_path: Path) -> Path:
+    """A writable copy of the tiny phantom (for tests that damage files)."""
+    dst = tmp_path / "phantom"
+    shutil.copytree(tiny_phantom.parent, dst)
+    return dst / "dataset.json"
+
+
+@pytest.fixture(scope="session")
+def hippocampus_dir() -> Path:
+    """The real MSD Task04 hippocampus training data in ../shared/data (skip if absent)."""
+    d = SHARED_DATA / "hippocampus"
+    if not (d / "dataset.json").is_file():
+        pytest.skip(f"real data not found at {d}")
+    return d
+
+
+@pytest.fixture(scope="session")
+def dicom_dir() -> Path:
+    """The real MR DICOM series in ../shared/data (skip if absent)."""
+    d = SHARED_DATA / "dicom_mr_series"
+    if not d.is_dir():
+        pytest.skip(f"real data not found at {d}")
+    return d
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``medseg`` in a subprocess (the real CLI), returning the completed process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.run([*MEDSEG, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and p.returncode != 0:
+        raise AssertionError(f"medseg {' '.join(args)} exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
+    return p
