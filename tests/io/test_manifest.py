@@ -15,7 +15,7 @@ from tests.conftest import run_cli
 def test_import_msd_real_hippocampus(hippocampus_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "manifests" / "hippo.json"
     m = import_msd(hippocampus_dir, out, val_fraction=0.2, test_fraction=0.1, seed=3)
-    assert m.labels == {"background": 0, "Anterior": 1, "Posterior": 2}
+    assert m.labels == {"background": 0, "anterior": 1, "posterior": 2}
     assert len(m.cases) == 220
     counts = {s: len(m.split(s)) for s in ("train", "val", "test")}
     assert counts == {"train": 154, "val": 44, "test": 22}
