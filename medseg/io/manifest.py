@@ -123,8 +123,14 @@ class Manifest:
         return {k: v for k, v in self.labels.items() if v != 0}
 
     def fingerprint(self) -> str:
-        """sha256 over the manifest content and the size of every referenced file (cheap, content-aware)."""
-        h = hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode())
+        """sha256 over labels, channels, cases (ids, splits, paths) and every file's size.
+
+        Independent of where the manifest file sits and of its free-text description, so the same data
+        described from two places has one fingerprint.
+        """
+        doc = self.to_json()
+        content = {k: doc[k] for k in ("labels", "channel_names", "training", "test")}
+        h = hashlib.sha256(json.dumps(content, sort_keys=True).encode())
         for c in self.cases:
             for rel in (*c.image, *([c.label] if c.label else [])):
                 p = self.resolve(rel)
