@@ -9,6 +9,7 @@ from rich.console import Console
 
 from medseg.config import load_config
 from medseg.data.phantom import write_phantom
+from medseg.engine.checkpoint import load_checkpoint
 from medseg.engine.trainer import Trainer
 from medseg.evaluation.report import evaluate
 from medseg.inference.batch import discover_inputs, run_batch
@@ -32,9 +33,14 @@ def run_demo(workdir: str | Path, epochs: int | None = None, cases: int = 16, tr
         overrides.append(f"train.epochs={epochs}")
     cfg = load_config(PRESET, overrides)
     run_dir = work / "runs" / "demo"
-    resume = (run_dir / "checkpoints" / "last.pt").is_file()
-    result = Trainer(cfg, manifest, run_dir=run_dir, tracking_uri=uri, resume=resume).fit()
-    console.print(f"trained {result.epochs_run} epochs; best epoch {result.best_epoch + 1} (val mean Dice {result.best_metric:.3f})")
+    last = run_dir / "checkpoints" / "last.pt"
+    done_epochs = int(load_checkpoint(last)["epoch"]) + 1 if last.is_file() else 0
+    if done_epochs >= cfg.train.epochs and (run_dir / "model").is_dir():
+        console.print(f"training already complete in {run_dir} ({done_epochs} epochs); delete it to retrain")
+    else:  # a demo killed mid-training continues where it stopped
+        result = Trainer(cfg, manifest, run_dir=run_dir, tracking_uri=uri, resume=done_epochs > 0).fit()
+        console.print(f"trained {result.epochs_run} epochs; best epoch {result.best_epoch + 1} (val mean Dice {result.best_metric:.3f})")
+    run_id = (run_dir / "mlflow_run_id.txt").read_text().strip() if (run_dir / "mlflow_run_id.txt").is_file() else None
     package = load_package(run_dir / "model")
     pred_dir = work / "predictions"
     report = run_batch(package, discover_inputs(manifest.path, split="val"), pred_dir, progress=False)
@@ -46,6 +52,6 @@ def run_demo(workdir: str | Path, epochs: int | None = None, cases: int = 16, tr
     dice = [v["dice"]["mean"] for v in summary["organs"].values()]
     console.print(f"mean Dice over organs: [bold]{sum(dice) / len(dice):.3f}[/bold]   (wall time {time.time() - t0:.0f} s)")
     console.print(f"per-case metrics: {work / 'evaluation' / 'metrics_per_case.csv'}")
-    console.print(f"MLflow run {result.run_id}: open the UI with\n  mlflow ui --backend-store-uri {uri} --port 5000\n"
+    console.print(f"MLflow run {run_id}: open the UI with\n  mlflow ui --backend-store-uri {uri} --port 5000\n"
                   f"then http://127.0.0.1:5000 -> experiment '{cfg.tracking.experiment}' -> run 'demo'")
     return summary

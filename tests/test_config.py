@@ -72,7 +72,7 @@ def test_yaml_file_with_unknown_key(tmp_path: Path) -> None:
 
 def test_flatten_round_trip_keys() -> None:
     flat = load_config("phantom_unet3d").flat()
-    assert flat["train.epochs"] == "25"
+    assert flat["train.epochs"] == "30"
     assert flat["model.params.channels"] == "[16, 32, 64, 128]"
     assert flatten({"a": {"b": {}}}) == {"a.b": "{}"}
 
