@@ -7,6 +7,7 @@ usage errors exit 2; a batch with failed cases exits 3. ``--debug`` shows traceb
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,6 +16,11 @@ import click
 import typer
 
 from medseg.errors import MedsegError
+
+try:  # recent typer vendors its own click: its usage errors are not click.ClickException
+    from typer._click.exceptions import ClickException as _VendoredClickException
+except ImportError:  # pragma: no cover - typer with a plain click dependency
+    _VendoredClickException = click.ClickException
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Medical image segmentation: train, predict, evaluate (MONAI + MLflow).")
@@ -94,6 +100,22 @@ def data_validate(manifest: Path) -> None:
     typer.echo(f"{manifest}: {len(m.cases)} cases ok (fingerprint {m.fingerprint()})")
 
 
+@data_app.command("plan")
+def data_plan(manifest: Path, out: Annotated[Optional[Path], typer.Option(help="plans JSON (default MANIFEST_STEM.plans.json beside it)")] = None,
+              split: Annotated[Optional[list[str]], typer.Option(help="split(s) to plan from (repeatable)")] = None,
+              max_cases: Annotated[Optional[int], typer.Option(min=1, help="only the first N cases (quick look)")] = None,
+              max_patch_voxels: Annotated[int, typer.Option(min=64, help="patch voxel budget")] = 96 * 96 * 64) -> None:
+    """Fingerprint the training cases (spacing, shape, intensities, classes) and print suggested overrides."""
+    from medseg.planning import plan_dataset, plans_path_for
+
+    target = out or plans_path_for(manifest)
+    doc = plan_dataset(manifest, target, tuple(split or ["train"]), max_cases, max_patch_voxels)
+    p = doc["plans"]
+    typer.echo(f"wrote {target}: {doc['fingerprint']['n_cases']} cases, median shape {p['median_shape_at_target']}, "
+               f"median spacing {p['median_spacing']}, {p['network_downsamplings']} downsamplings")
+    typer.echo("suggested overrides: " + " ".join(doc["overrides"]))
+
+
 # ---- train / predict / evaluate -----------------------------------------------------------------
 @app.command()
 def train(
@@ -120,6 +142,8 @@ def train(
         cfg = load_config(preset, overrides or [])
     manifest = load_manifest(cfg.data.manifest)
     result = Trainer(cfg, manifest, run_dir=resume, tracking_uri=tracking_uri, resume=resume is not None).fit()
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
     typer.echo(f"run folder: {result.run_dir}")
     typer.echo(f"best epoch {result.best_epoch + 1}: val mean Dice {result.best_metric:.4f}")
     if result.run_id:
@@ -129,25 +153,44 @@ def train(
 @app.command()
 def predict(
     model: Annotated[str, typer.Option(help="model package folder, run folder, or models:/NAME/VERSION, runs:/ID/model")],
-    input: Annotated[Path, typer.Option("--input", help="NIfTI file, folder of NIfTI files, or manifest .json")],
+    input: Annotated[Path, typer.Option("--input", help="NIfTI file, folder of NIfTI files, manifest .json, or folder of DICOM series")],
     output: Annotated[Path, typer.Option(help="output folder")],
     split: Annotated[Optional[str], typer.Option(help="with a manifest: only this split")] = None,
     device: str = "auto",
     resume: Annotated[bool, typer.Option(help="skip cases whose outputs are complete")] = False,
+    shard: Annotated[Optional[str], typer.Option(help="I/N: process only shard I of N (0-based); default under torchrun: RANK/WORLD_SIZE")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="inference.KEY=VALUE override, e.g. inference.memory_bounded=true")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow URI for models:/ and runs:/ references")] = None,
 ) -> None:
-    """Segment scans; masks are written in each input scan's own geometry. Exit 3 if some cases failed."""
+    """Segment scans; masks (and DICOM-SEG for DICOM series) in each scan's own geometry. Exit 3 if some cases failed."""
+    from medseg.inference.shard import parse_shard, select_shard, shard_from_env
+
+    try:  # checked before the heavy imports: a usage error should be quick
+        shard_ix = parse_shard(shard) if shard else shard_from_env()
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--shard") from None
     from medseg.inference.batch import discover_inputs, run_batch
     from medseg.inference.model_package import load_package
+    from medseg.inference.options import apply_inference_overrides
 
     cases = discover_inputs(input, split)
-    package = load_package(model, tracking_uri)
-    report = run_batch(package, cases, output, device=device, resume=resume, progress=sys.stderr.isatty())
-    typer.echo(f"{len(report.done)} predicted, {len(report.skipped)} already done, {len(report.failed)} failed -> {output}")
+    package = apply_inference_overrides(load_package(model, tracking_uri), set_ or [])
+    if shard_ix is not None:
+        cases = select_shard(cases, *shard_ix)
+    report = run_batch(package, cases, output, device=device, resume=resume, progress=sys.stderr.isatty(), model_ref=model,
+                       local_rank=_local_rank())
+    where = f" (shard {shard_ix[0]}/{shard_ix[1]})" if shard_ix else ""
+    typer.echo(f"{len(report.done)} predicted, {len(report.skipped)} already done, {len(report.failed)} failed -> {output}{where}")
     for cid, err in report.failed.items():
         typer.echo(f"  failed {cid}: {err}", err=True)
     if report.exit_code:
         raise typer.Exit(report.exit_code)
+
+
+def _local_rank() -> Optional[int]:
+    import os
+
+    return int(os.environ["LOCAL_RANK"]) if os.environ.get("LOCAL_RANK", "").isdigit() else None
 
 
 @app.command()
@@ -155,32 +198,47 @@ def evaluate(
     pred: Annotated[Path, typer.Option(help="folder of <case id>.nii.gz predictions")],
     manifest: Annotated[Path, typer.Option(help="manifest with the ground truth")],
     out: Annotated[Optional[Path], typer.Option(help="output folder (default PRED/evaluation)")] = None,
-    split: Optional[str] = None,
-    tolerance_mm: Annotated[float, typer.Option(help="NSD tolerance in mm")] = 2.0,
-    workers: Annotated[int, typer.Option(min=1)] = 1,
+    split: Annotated[Optional[str], typer.Option(help="only cases of this split (train/val/test)")] = None,
+    tolerance_mm: Annotated[float, typer.Option(min=0.0, help="NSD tolerance in mm")] = 2.0,
+    workers: Annotated[int, typer.Option(min=1, help="parallel processes over cases")] = 1,
+    compare: Annotated[Optional[Path], typer.Option(help="second prediction folder: paired differences, Wilcoxon p")] = None,
+    lesions: Annotated[bool, typer.Option("--lesions", help="add lesion-wise precision/recall/F1/count error")] = False,
+    mlflow_run_id: Annotated[Optional[str], typer.Option(help="log the results to this existing MLflow run")] = None,
+    mlflow_experiment: Annotated[Optional[str], typer.Option(help="log the results to a new run in this experiment")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: sqlite mlflow.db here)")] = None,
 ) -> None:
-    """Per-case, per-organ metrics (CSV) and per-organ summaries with 95% CI (JSON)."""
+    """Per-case per-organ metrics (CSV), per-organ summaries with 95% CI (JSON), box plots; --compare for paired tests."""
     from medseg.evaluation.report import evaluate as run_eval
 
-    doc = run_eval(pred, manifest, out, split=split, tolerance_mm=tolerance_mm, workers=workers)
+    if mlflow_run_id and mlflow_experiment:
+        raise MedsegError("give only one of --mlflow-run-id and --mlflow-experiment")
+    if tracking_uri and not (mlflow_run_id or mlflow_experiment):
+        raise MedsegError("--tracking-uri needs --mlflow-run-id or --mlflow-experiment")
+    target = None
+    if mlflow_run_id or mlflow_experiment:  # check the MLflow target before a long evaluation, not after
+        from medseg.evaluation.tracking_io import EvaluationLogger
+
+        target = EvaluationLogger.open(tracking_uri, run_id=mlflow_run_id, experiment=mlflow_experiment)
+    out_dir = out or pred / "evaluation"
+    doc = run_eval(pred, manifest, out_dir, split=split, tolerance_mm=tolerance_mm, workers=workers, lesions=lesions,
+                   compare_dir=compare, progress=sys.stderr.isatty())
     _print_summary(doc)
+    typer.echo(f"outputs: {out_dir}")
+    if target is not None:
+        typer.echo(f"mlflow run id: {target.log(doc, out_dir)}")
 
 
 def _print_summary(doc: dict) -> None:
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title=f"per-organ metrics over {doc['n_cases']} cases (mean [95% CI])")
-    table.add_column("organ")
-    for m in ("dice", "iou", "hd95"):
-        table.add_column(m)
-    for organ, ms in doc["organs"].items():
-        cells = []
-        for m in ("dice", "iou", "hd95"):
-            s = ms.get(m)
-            cells.append("-" if not s or s["mean"] is None else f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]")
-        table.add_row(organ, *cells)
-    Console().print(table)
+    from medseg.evaluation.tables import comparison_table, summary_table
+
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # logs and pipes: do not wrap at 80
+    console.print(summary_table(doc))
+    if doc.get("comparison"):
+        console.print(comparison_table(doc["comparison"]))
+    for note in doc.get("notes", []):
+        console.print(f"note: {note}", highlight=False)
 
 
 @app.command()
@@ -205,7 +263,7 @@ def main() -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)
-    except click.ClickException as e:
+    except (click.ClickException, _VendoredClickException) as e:  # usage errors: exit 2
         e.show()
         sys.exit(2)
     except MedsegError as e:

@@ -112,6 +112,8 @@ class TrainConfig(_Strict):
     max_minutes: float | None = Field(default=None, gt=0)
     early_stopping_patience: int | None = Field(default=None, ge=1)
     grad_accumulation: int = Field(default=1, ge=1)
+    hd95_every: int = Field(default=5, ge=0, description="per-organ HD95 (mm) every k epochs at validation; 0: never")
+    overlay_cases: int = Field(default=3, ge=0, description="validation cases drawn as PNG overlays of the best epoch")
 
 
 class InferenceConfig(_Strict):
@@ -122,7 +124,12 @@ class InferenceConfig(_Strict):
     sw_batch_size: int = Field(default=4, ge=1)
     blend_mode: Literal["gaussian", "constant"] = "gaussian"
     tta_mirror: bool = False
-    keep_largest_component: bool = False
+    keep_largest_component: bool = Field(default=False, description="keep only the largest connected component of each organ")
+    min_component_voxels: int = Field(default=0, ge=0, description="remove components with fewer voxels (0: off)")
+    min_component_ml: float = Field(default=0.0, ge=0.0, description="remove components smaller than this volume in ml (0: off)")
+    fill_holes: bool = Field(default=False, description="fill enclosed holes in each organ")
+    memory_bounded: bool = Field(default=False, description="large scans: crop to the body on the raw array, stitch windows "
+                                                            "on the CPU in float16, invert the label map instead of probabilities")
 
 
 class TrackingConfig(_Strict):

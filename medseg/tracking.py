@@ -40,6 +40,12 @@ class Tracker(Protocol):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file or a folder."""
 
+    def logged_steps(self, key: str) -> set[int]:
+        """Steps at which metric ``key`` is already recorded in this run (to resume without duplicates)."""
+
+    def register_model(self, artifact_path: str, name: str) -> str | None:
+        """Register the run's artifact folder ``artifact_path`` as a new version of model ``name``."""
+
     def end(self, status: str = "FINISHED") -> None:
         """Close the run."""
 
@@ -63,6 +69,12 @@ class NullTracker:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         pass
+
+    def logged_steps(self, key: str) -> set[int]:
+        return set()
+
+    def register_model(self, artifact_path: str, name: str) -> str | None:
+        return None
 
     def end(self, status: str = "FINISHED") -> None:
         pass
@@ -129,6 +141,28 @@ class MlflowTracker:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def logged_steps(self, key: str) -> set[int]:
+        return {int(m.step) for m in self.client.get_metric_history(self.run_id, key)}
+
+    def register_model(self, artifact_path: str, name: str) -> str | None:
+        """Register ``runs:/<run>/<artifact_path>`` (a medseg model package) in the model registry.
+
+        The package is plain files (weights, config.yaml, metadata.json) rather than an MLflow pyfunc flavour:
+        a pyfunc model would pickle Python code, and medseg loads only weights-only checkpoints. The registry
+        version points at the run's artifact folder, so ``models:/NAME/VERSION`` downloads exactly that folder.
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, description="medseg model package (model.pt, config.yaml, metadata.json)")
+        except MlflowException as e:
+            if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
+                raise
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+        mv = self.client.create_model_version(name, source=source, run_id=self.run_id,
+                                              tags={"format": "medseg-model-package/1"})
+        return str(mv.version)
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:

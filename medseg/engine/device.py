@@ -19,6 +19,8 @@ def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.d
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device: {name!r} requested but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is None:  # plain "cuda": each DDP process takes its own card
+        return torch.device("cuda", local_rank or 0)
     return dev
 
 

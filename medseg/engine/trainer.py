@@ -6,18 +6,25 @@ Run folder layout (``train.output_dir / run_name``)::
     manifest.json             copy of the dataset manifest
     checkpoints/last.pt       full state after every epoch (model, optimizer, scheduler, scaler, RNG, run id)
     model/                    model package of the best epoch (see inference.model_package)
-    history.csv               per-epoch metrics
+    history.csv               per-epoch metrics (rewritten atomically from the checkpoint's history)
     val_cases_best.csv        per-case, per-organ metrics of the best epoch
+    plots/                    learning curve and validation overlays (PNG)
 
 Every epoch re-seeds the global and transform RNGs from ``(seed, epoch, rank)``, so a run resumed from
 ``last.pt`` draws exactly the patches an uninterrupted run would have drawn.
+
+Order of writes per epoch: best model package -> ``last.pt`` (holds the metric history) -> ``history.csv``
+-> MLflow. A run killed anywhere resumes from ``last.pt``: ``history.csv`` is rebuilt from it and epochs the
+checkpoint has but MLflow lacks are logged then, so the MLflow run has every step exactly once.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import logging
 import math
+import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +34,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
-from monai.inferers import sliding_window_inference
-from monai.metrics import compute_dice, compute_iou
-from monai.networks.utils import one_hot
-from monai.utils import set_determinism
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler
 
@@ -40,8 +43,10 @@ from medseg.data.validation import validate_cases
 from medseg.engine import distributed as dist_utils
 from medseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medseg.engine.device import Precision, resolve_device, resolve_precision
+from medseg.engine.history import read_rows_csv, write_rows_csv
+from medseg.engine.validation import ValResult, validate
 from medseg.engine.schedules import build_optimizer, build_scheduler
-from medseg.errors import MedsegError
+from medseg.errors import ConfigError, MedsegError
 from medseg.inference.model_package import save_package
 from medseg.inference.sliding import predictor_for
 from medseg.io.atomic import write_text_atomic
@@ -69,7 +74,8 @@ def _case_dicts(manifest: Manifest, split: str) -> list[dict[str, Any]]:
     out = []
     for c in manifest.split(split):  # type: ignore[arg-type]
         images = [str(p) for p in manifest.image_paths(c)]
-        out.append({"image": images if len(images) > 1 else images[0], "label": str(manifest.label_path(c)), "id": c.id})
+        out.append({"image": images if len(images) > 1 else images[0], "label": str(manifest.label_path(c)), "id": c.id,
+                    "index": len(out)})
     return out
 
 
@@ -96,7 +102,11 @@ class Trainer:
     # ---- construction ----------------------------------------------------------------------------
     def _seed(self, epoch: int) -> None:
         seed = self.cfg.train.seed + 1000 * epoch + self.rank
-        set_determinism(seed=seed, use_deterministic_algorithms=None)
+        # Not monai.utils.set_determinism: it also forces cudnn.deterministic and disables cudnn.benchmark,
+        # which would slow every non-deterministic GPU run; those switches follow train.deterministic instead.
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
         if hasattr(self, "train_ds"):
             self.train_ds.transform.set_random_state(seed=seed)
             self.loader_gen.manual_seed(seed)
@@ -132,14 +142,40 @@ class Trainer:
         cfg = self.cfg
         self._seed(0)
         self.model = build_model(cfg.model.name, cfg.model.spatial_dims, self.manifest.num_channels, self.num_classes, cfg.model.params).to(self.device)
+        self._check_patch_fits()
         self.net: nn.Module = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) if self.world > 1 else self.model
-        self.loss_fn = build_loss(cfg.loss.name, self.num_classes, cfg.loss.params)
+        self.loss_fn = build_loss(cfg.loss.name, self.num_classes, cfg.loss.params).to(self.device)  # class-weight buffers
         # Deep-supervision nets return every decoder head in train mode; eval mode gives one tensor.
         deep = bool(cfg.model.params.get("deep_supervision"))
         self.train_loss_fn = wrap_deep_supervision(self.loss_fn) if deep else self.loss_fn
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.train.epochs)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
+
+    def _check_patch_fits(self) -> None:
+        """Fail at start-up, naming the setting, if the patch/ROI does not fit the architecture.
+
+        Some networks only take sizes divisible by their total stride (V-Net: 16); MONAI would otherwise
+        fail deep inside the first step with a tensor-size mismatch. One batch-1 forward pass in eval mode
+        (no dropout, so no RNG is consumed) checks it for any registered model.
+        """
+        cfg = self.cfg
+        for setting, size in (("data.patch_size", tuple(cfg.data.patch_size)), ("inference.roi_size", tuple(cfg.roi_size))):
+            x = torch.zeros(1, self.manifest.num_channels, *size, device=self.device)
+            try:
+                with torch.no_grad():
+                    out = self.model.eval()(x)
+            except torch.OutOfMemoryError:
+                raise  # a real memory problem, not a size mismatch
+            except RuntimeError as e:
+                raise ConfigError(f"{setting} {list(size)} does not fit model {cfg.model.name!r} "
+                                  f"({str(e).splitlines()[0][:160]}); try multiples of 16") from None
+            finally:
+                self.model.train()
+            out = out[0] if isinstance(out, (list, tuple)) else out
+            if tuple(out.shape[2:]) != size:
+                raise ConfigError(f"{setting} {list(size)}: model {cfg.model.name!r} returns size {list(out.shape[2:])}; "
+                                  "use sizes divisible by its total stride (e.g. multiples of 16)")
 
     # ---- one epoch -------------------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> dict[str, float]:
@@ -154,11 +190,17 @@ class Trainer:
             t_data += time.perf_counter() - tick
             image = batch["image"].to(self.device, non_blocking=True)
             label = batch["label"].to(self.device, non_blocking=True)
-            with self.precision.autocast(self.device):
-                out = self.net(image)
-            loss = self.train_loss_fn(out.float(), label)
-            self.scaler.scale(loss / accum).backward()
-            if (step + 1) % accum == 0 or step + 1 == len(self.train_loader):
+            update = (step + 1) % accum == 0 or step + 1 == len(self.train_loader)
+            # DDP all-reduces gradients on every backward; skip that on accumulation-only micro-steps.
+            sync = contextlib.nullcontext() if update or self.world == 1 else self.net.no_sync()  # type: ignore[operator]
+            with sync:
+                with self.precision.autocast(self.device):
+                    out = self.net(image)
+                # The loss runs in fp32 outside autocast; deep-supervision nets may return a list of heads.
+                out = [o.float() for o in out] if isinstance(out, (list, tuple)) else out.float()
+                loss = self.train_loss_fn(out, label)
+                self.scaler.scale(loss / accum).backward()
+            if update:
                 if self.cfg.optimizer.grad_clip:
                     self.scaler.unscale_(self.optimizer)
                     nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optimizer.grad_clip)
@@ -173,40 +215,11 @@ class Trainer:
         return {"train_loss": float(sums[0] / max(sums[1], 1)), "lr": self.optimizer.param_groups[0]["lr"],
                 "time_epoch_s": elapsed, "time_data_fraction": t_data / max(elapsed, 1e-9)}
 
-    @torch.inference_mode()
-    def validate(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """Sliding-window validation on whole preprocessed val volumes; per-organ Dice/IoU by name."""
-        self.model.eval()
-        predictor = predictor_for(self.model, self.cfg.model.spatial_dims)
-        inf = self.cfg.inference
-        rows: list[dict[str, Any]] = []
-        for item in self.val_ds:
-            image = item["image"].unsqueeze(0).to(self.device)
-            label = item["label"].unsqueeze(0).to(self.device)
-            with self.precision.autocast(self.device):
-                logits = sliding_window_inference(image, self._window(), inf.sw_batch_size, predictor, overlap=inf.overlap,
-                                                  mode=inf.blend_mode)
-            logits = logits.float()
-            loss = float(self.loss_fn(logits, label))
-            pred = one_hot(logits.argmax(1, keepdim=True), self.num_classes)
-            truth = one_hot(label.long(), self.num_classes)
-            dice = compute_dice(pred, truth, include_background=False, ignore_empty=False)[0].cpu().numpy()
-            iou = compute_iou(pred, truth, include_background=False, ignore_empty=False)[0].cpu().numpy()
-            row: dict[str, Any] = {"case": item["id"], "val_loss": loss}
-            for name, value in self.labels.items():
-                row[f"dice_{name}"] = float(dice[value - 1])
-                row[f"iou_{name}"] = float(iou[value - 1])
-            rows.append(row)
-        all_rows = [r for part in dist_utils.all_gather_objects(rows) for r in part]  # type: ignore[union-attr]
-        summary: dict[str, float] = {}
-        if all_rows:
-            summary["val_loss"] = float(np.mean([r["val_loss"] for r in all_rows]))
-            for metric in ("dice", "iou"):
-                per = [float(np.nanmean([r[f"{metric}_{n}"] for r in all_rows])) for n in self.labels]
-                for name, v in zip(self.labels, per, strict=True):
-                    summary[f"val_{metric}_{name}"] = v
-                summary[f"val_{metric}_mean"] = float(np.nanmean(per))
-        return summary, all_rows
+    def validate(self, with_hd95: bool = False, n_views: int = 0) -> ValResult:
+        """Sliding-window validation on whole preprocessed val volumes; per-organ Dice/IoU (HD95) by name."""
+        return validate(self.model, predictor_for(self.model, self.cfg.model.spatial_dims), self.val_ds, self.labels,
+                        self.num_classes, self.loss_fn, self._window(), self.cfg.inference, self.device, self.precision,
+                        with_hd95=with_hd95, n_views=n_views)
 
     def _window(self) -> tuple[int, ...]:
         roi = self.cfg.roi_size
@@ -219,11 +232,12 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": epoch, "best_metric": self.best_metric, "best_epoch": self.best_epoch,
             "bad_rounds": self.bad_rounds, "run_id": self.tracker.run_id or "", "rng": rng_state(),
-            "elapsed_s": self.elapsed_before + (time.time() - self.t_start),
+            "elapsed_s": self.elapsed_before + (time.time() - self.t_start), "history": self.history,
         }
 
     def _restore(self) -> int:
-        ckpt = load_checkpoint(self.run_dir / "checkpoints" / "last.pt", map_location=self.device)
+        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves weights/optimizer state to the device.
+        ckpt = load_checkpoint(self.run_dir / "checkpoints" / "last.pt", map_location="cpu")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -233,26 +247,40 @@ class Trainer:
         self.elapsed_before = float(ckpt["elapsed_s"])
         set_rng_state(ckpt["rng"])
         self._resume_run_id = ckpt["run_id"] or None
+        self.history = [dict(r) for r in ckpt.get("history", [])]
         return int(ckpt["epoch"]) + 1
 
     def _start_tracking(self) -> None:
         if not dist_utils.is_main():
             return
+        resumed_id = getattr(self, "_resume_run_id", None)
         self.tracker = make_tracker(self.cfg.tracking, self.tracking_uri)
-        run_id = self.tracker.start(run_name=self.run_dir.name, run_id=getattr(self, "_resume_run_id", None))
-        if getattr(self, "_resume_run_id", None) is None:
+        run_id = self.tracker.start(run_name=self.run_dir.name, run_id=resumed_id)
+        if resumed_id is None:
             self.tracker.log_params(self.cfg.flat())
             self.tracker.set_tags({
                 "mlflow.source.git.commit": git_commit(), "git_commit": git_commit(),
                 "dataset_name": self.manifest.name, "dataset_fingerprint": self.manifest.fingerprint(),
                 "torch_version": torch.__version__, "monai_version": __import__("monai").__version__,
-                "cuda_version": str(torch.version.cuda), "device": self._device_name(),
+                "cuda_version": torch.version.cuda or "none", "cudnn_version": str(torch.backends.cudnn.version() or "none"),
+                "device": self._device_name(), "device_type": self.device.type,
                 "world_size": self.world, "amp": str(self.precision.dtype), "run_dir": str(self.run_dir.resolve()),
             })
             self.tracker.log_artifact(self.run_dir / "config.yaml", "config")
             self.tracker.log_artifact(self.run_dir / "manifest.json", "data")
         if run_id:
             write_text_atomic(self.run_dir / "mlflow_run_id.txt", run_id + "\n")
+
+    def _replay_history(self) -> None:
+        """After a resume: rebuild history.csv from the checkpoint and log the epochs MLflow has not seen."""
+        if not dist_utils.is_main():
+            return
+        write_rows_csv(self.run_dir / "history.csv", self.history)
+        seen = self.tracker.logged_steps("train_loss")
+        for row in self.history:
+            if int(row["epoch"]) not in seen:
+                self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        self.tracker.set_tags({"resumed_at_epoch": len(self.history)})
 
     def _device_name(self) -> str:
         return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
@@ -261,11 +289,11 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train for ``train.epochs`` (or until the time budget / early stopping), validating every k epochs."""
         cfg = self.cfg
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
-        else:
-            torch.backends.cudnn.benchmark = self.device.type == "cuda"
+        if cfg.train.deterministic and self.device.type == "cuda":  # cuBLAS needs this for reproducible matmuls
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
+        torch.backends.cudnn.deterministic = cfg.train.deterministic
+        torch.backends.cudnn.benchmark = self.device.type == "cuda" and not cfg.train.deterministic
         if dist_utils.is_main():
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             if not self.resume:
@@ -274,12 +302,18 @@ class Trainer:
         self._datasets()
         self._model()
         self.best_metric, self.best_epoch, self.bad_rounds, self.elapsed_before = -math.inf, -1, 0, 0.0
+        self.history: list[dict[str, float]] = []
         start_epoch = self._restore() if self.resume else 0
         self._start_tracking()
+        if self.resume:
+            self._replay_history()
         self.t_start = time.time()
-        best_rows: list[dict[str, Any]] = []
+        best_rows: list[dict[str, Any]] = read_rows_csv(self.run_dir / "val_cases_best.csv") if self.resume else []
         epoch = start_epoch - 1
         status = "FINISHED"
+        already_done = start_epoch >= cfg.train.epochs  # resuming a finished run: nothing to train or register
+        if already_done:
+            log.info("%s: all %d epochs are done already", self.run_dir, cfg.train.epochs)
         try:
             for epoch in range(start_epoch, cfg.train.epochs):
                 self._seed(epoch + 1)
@@ -287,17 +321,20 @@ class Trainer:
                 self.scheduler.step()
                 last = epoch + 1 == cfg.train.epochs
                 if (epoch + 1) % cfg.train.val_every == 0 or last:
-                    summary, rows = self.validate()
-                    metrics.update(summary)
-                    score = summary.get("val_dice_mean", -metrics["train_loss"])
+                    every = cfg.train.hd95_every
+                    val = self.validate(with_hd95=bool(every) and ((epoch + 1) % every == 0 or last),
+                                        n_views=cfg.train.overlay_cases)
+                    metrics.update(val.summary)
+                    score = val.summary.get("val_dice_mean", -metrics["train_loss"])
                     if score > self.best_metric:
-                        self.best_metric, self.best_epoch, best_rows, self.bad_rounds = score, epoch, rows, 0
-                        self._save_best(epoch, summary, rows)
+                        self.best_metric, self.best_epoch, best_rows, self.bad_rounds = score, epoch, val.rows, 0
+                        self._save_best(epoch, val)
                     else:
                         self.bad_rounds += 1
-                self._log_epoch(epoch, metrics)
-                if dist_utils.is_main():
+                self.history.append({"epoch": epoch, **metrics})
+                if dist_utils.is_main():  # checkpoint first: it is the record the CSV and MLflow follow
                     save_checkpoint(self.run_dir / "checkpoints" / "last.pt", self._state(epoch))
+                self._log_epoch(epoch, metrics)
                 dist_utils.barrier()
                 if self._should_stop(epoch, metrics):
                     break
@@ -305,9 +342,12 @@ class Trainer:
             status = "FAILED"  # KeyboardInterrupt/SIGTERM too; the run can be resumed from last.pt
             raise
         finally:
-            if status == "FINISHED":
-                self._finish(best_rows)
+            if status == "FINISHED" and not already_done:
+                self._finish()
             self.tracker.end(status)
+            if self.world > 1:
+                dist_utils.barrier()
+                dist_utils.cleanup()
         best_per_class = {n: {"dice": best_rows_mean(best_rows, f"dice_{n}"), "iou": best_rows_mean(best_rows, f"iou_{n}")}
                           for n in self.labels} if best_rows else {}
         return TrainResult(self.run_dir, self.tracker.run_id, epoch + 1, self.best_epoch, self.best_metric, best_per_class)
@@ -336,50 +376,48 @@ class Trainer:
     def _log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         if not dist_utils.is_main():
             return
+        write_rows_csv(self.run_dir / "history.csv", self.history)
         self.tracker.log_metrics(metrics, step=epoch)
-        hist = self.run_dir / "history.csv"
-        row = {"epoch": epoch, **metrics}
-        new = not hist.exists()
-        with hist.open("a", newline="") as fh:  # append-only log; a torn last line is harmless
-            w = csv.DictWriter(fh, fieldnames=list(row), extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(row)
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_loss", "val_dice_mean", "val_iou_mean"))
         log.info("epoch %d/%d %s (%.1f s)", epoch + 1, self.cfg.train.epochs, shown, metrics["time_epoch_s"])
 
-    def _save_best(self, epoch: int, summary: dict[str, float], rows: list[dict[str, Any]]) -> None:
+    def _save_best(self, epoch: int, val: ValResult) -> None:
         if not dist_utils.is_main():
             return
-        extra = {"run_id": self.tracker.run_id, "epoch": epoch, "val_metrics": summary,
+        extra = {"run_id": self.tracker.run_id, "epoch": epoch, "val_metrics": val.summary,
                  "dataset_fingerprint": self.manifest.fingerprint(), "git_commit": git_commit()}
         save_package(self.run_dir / "model", self.model, self.cfg, self.manifest, extra)
-        write_rows_csv(self.run_dir / "val_cases_best.csv", rows)
+        write_rows_csv(self.run_dir / "val_cases_best.csv", val.rows)
+        from medseg.engine.plots import overlay
 
-    def _finish(self, best_rows: list[dict[str, Any]]) -> None:
+        for index, image, truth, pred in val.views:  # named by position in the val split, never by case id
+            overlay(image, truth, pred, self.num_classes, self.run_dir / "plots" / f"val_overlay_{index:02d}.png",
+                    title=f"validation case {index}, epoch {epoch + 1} (middle of organs, axial)")
+
+    def _finish(self) -> None:
         if not dist_utils.is_main():
             return
-        if (self.run_dir / "model").exists():
-            self.tracker.set_tags({"best_epoch": self.best_epoch, "best_val_dice_mean": f"{self.best_metric:.4f}"})
-            self.tracker.log_artifact(self.run_dir / "history.csv", "metrics")
-            if (self.run_dir / "val_cases_best.csv").exists():
-                self.tracker.log_artifact(self.run_dir / "val_cases_best.csv", "metrics")
-            self.tracker.log_artifact(self.run_dir / "model", "model")
+        from medseg.engine.plots import learning_curve
+
+        if self.history:
+            learning_curve(self.history, list(self.labels), self.run_dir / "plots" / "learning_curve.png")
+        self.tracker.log_artifact(self.run_dir / "history.csv", "metrics")
+        if (self.run_dir / "plots").is_dir():
+            self.tracker.log_artifact(self.run_dir / "plots", "plots")
+        if not (self.run_dir / "model").exists():
+            return
+        self.tracker.set_tags({"best_epoch": self.best_epoch, "best_val_dice_mean": f"{self.best_metric:.4f}"})
+        if (self.run_dir / "val_cases_best.csv").exists():
+            self.tracker.log_artifact(self.run_dir / "val_cases_best.csv", "metrics")
+        self.tracker.log_artifact(self.run_dir / "model", "model")
+        name = self.cfg.tracking.registered_model_name
+        if name and self.tracker.run_id:
+            version = self.tracker.register_model("model", name)
+            if version:
+                self.tracker.set_tags({"registered_model": f"models:/{name}/{version}"})
+                log.info("registered model: models:/%s/%s", name, version)
 
 
 def best_rows_mean(rows: list[dict[str, Any]], key: str) -> float:
     """Mean of one column over per-case rows (NaN-aware)."""
-    return float(np.nanmean([r[key] for r in rows])) if rows else float("nan")
-
-
-def write_rows_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Atomically write dict rows as CSV."""
-    import io
-
-    if not rows:
-        return
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
+    return float(np.nanmean([float(r[key]) for r in rows])) if rows else float("nan")

@@ -1,36 +1,49 @@
 """Batch prediction: many scans, one model load, resumable, and one bad scan never stops the rest.
 
-For each case the mask ``<id>.nii.gz`` is written first, then ``<id>.json`` (organ volumes, runtime,
-model, input checksum, status). Both are atomic; the JSON is the completion marker, so ``resume`` skips
-exactly the cases whose mask and JSON are complete and valid. A failing case gets a JSON with its error.
+Inputs are NIfTI files (a file, a folder, a manifest) or DICOM series found recursively in a folder.
+For each case the mask ``<id>.nii.gz`` (and for DICOM the DICOM-SEG ``<id>.seg.dcm``) is written first,
+then ``<id>.json`` (status, organ volumes, runtime, peak memory, model, input checksum, warnings,
+outputs). All writes are atomic; the JSON is the completion marker, so ``resume`` skips exactly the cases
+whose JSON says ok and whose listed outputs exist. A failing case gets a JSON with its error. At the end
+``summary.csv`` is rebuilt from every case JSON in the folder, so it is right after a resume or shards.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import logging
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medseg.errors import InputError, MedsegError
+from medseg.inference.dicom_input import load_series_image, series_sha256, write_series_seg
+from medseg.inference.memory import PeakMemory
 from medseg.inference.model_package import ModelPackage
-from medseg.inference.predictor import Predictor, organ_volumes
-from medseg.io.atomic import is_output_file, write_json_atomic
+from medseg.inference.predictor import Prediction, Predictor, organ_volumes
+from medseg.io.atomic import is_output_file, write_json_atomic, write_text_atomic
+from medseg.io.dicom_series import SeriesInfo, discover_series, uid_hash
 from medseg.io.manifest import case_id_from_path, load_manifest
 from medseg.io.nifti import save_label_like
 
 log = logging.getLogger("medseg.predict")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MASK_SUFFIX, SEG_SUFFIX, RECORD_SUFFIX = ".nii.gz", ".seg.dcm", ".json"
+SUMMARY = "summary.csv"
 
 
 @dataclass(frozen=True)
 class InputCase:
-    """A scan to segment: an id (output file stem) and its image file(s)."""
+    """A scan to segment: an id (output file stem) and its image file(s), or a DICOM series."""
 
     id: str
     images: tuple[Path, ...]
+    series: SeriesInfo | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -40,6 +53,7 @@ class BatchReport:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    summary: Path | None = None
 
     @property
     def exit_code(self) -> int:
@@ -52,7 +66,11 @@ def _is_nifti(p: Path) -> bool:
 
 
 def discover_inputs(source: str | Path, split: str | None = None) -> list[InputCase]:
-    """A NIfTI file, a folder of NIfTI files, or a manifest (``.json``; optionally one split)."""
+    """A NIfTI file, a folder of NIfTI files, a manifest (``.json``; optionally one split), or a DICOM folder.
+
+    A folder with NIfTI files directly inside is a NIfTI folder; otherwise it is searched recursively for
+    DICOM series (one case per SeriesInstanceUID, id ``SeriesInfo.case_id``).
+    """
     src = Path(source)
     if not src.exists():
         raise InputError(src, "input not found")
@@ -62,17 +80,22 @@ def discover_inputs(source: str | Path, split: str | None = None) -> list[InputC
         return [InputCase(c.id, tuple(m.image_paths(c))) for c in cases]
     if src.is_file():
         if not _is_nifti(src):
-            raise InputError(src, "expected a NIfTI file (.nii/.nii.gz), a folder or a manifest .json")
+            raise InputError(src, "expected a NIfTI file (.nii/.nii.gz), a folder (NIfTI or DICOM) or a manifest .json")
         return [InputCase(case_id_from_path(src.name), (src,))]
     files = sorted(p for p in src.iterdir() if p.is_file() and _is_nifti(p))
-    if not files:
-        raise InputError(src, "no NIfTI files (.nii/.nii.gz) in this folder")
-    cases = [InputCase(case_id_from_path(p.name), (p,)) for p in files]
-    ids = [c.id for c in cases]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        raise InputError(src, f"several files map to case id {dup[0]!r}")
-    return cases
+    if files:
+        cases = [InputCase(case_id_from_path(p.name), (p,)) for p in files]
+        ids = [c.id for c in cases]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise InputError(src, f"several files map to case id {dup[0]!r}")
+        return cases
+    series = discover_series(src)
+    if not series:
+        raise InputError(src, "no NIfTI files (.nii/.nii.gz) in this folder and no DICOM series below it")
+    ids = [s.case_id for s in series]  # two folders of the same name in different studies: add the UID hash
+    return [InputCase(s.case_id if ids.count(s.case_id) == 1 else f"{s.case_id}-{uid_hash(s.uid)}", s.files, s)
+            for s in series]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -84,53 +107,155 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def is_complete(out_dir: Path, case_id: str) -> bool:
-    """True if this case already has a valid mask and a JSON record with status ok."""
-    mask, record = out_dir / f"{case_id}.nii.gz", out_dir / f"{case_id}.json"
-    if not (mask.is_file() and record.is_file()):
-        return False
+def outputs_of(case: InputCase) -> list[str]:
+    """File names a finished case leaves (the JSON record is written after them)."""
+    return [f"{case.id}{MASK_SUFFIX}"] + ([f"{case.id}{SEG_SUFFIX}"] if case.series is not None else [])
+
+
+def is_complete(out_dir: Path, case_id: str, outputs: list[str] | None = None) -> bool:
+    """True if this case has a JSON record with status ok and every output it lists (or ``outputs``) exists."""
+    record = out_dir / f"{case_id}{RECORD_SUFFIX}"
     try:
-        return json.loads(record.read_text()).get("status") == "ok"
+        doc = json.loads(record.read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    names = outputs or doc.get("outputs") or [f"{case_id}{MASK_SUFFIX}"]
+    return doc.get("status") == "ok" and all((out_dir / n).is_file() and (out_dir / n).stat().st_size > 0 for n in names)
+
+
+def remove_stale_temps(out_dir: Path, cases: list[InputCase]) -> int:
+    """Delete atomic-write temp files left by a killed run for these cases (another shard's cases are untouched)."""
+    n = 0
+    for case in cases:
+        for name in [*outputs_of(case), f"{case.id}{RECORD_SUFFIX}"]:
+            for tmp in out_dir.glob(f".{name}.*.tmp*"):
+                tmp.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
+def model_identity(package: ModelPackage, ref: str | None = None) -> dict[str, Any]:
+    """Name and version of the model: from the model card, an MLflow ``models:/NAME/VERSION`` ref, or the run."""
+    meta = package.metadata
+    name, version = meta.get("name"), meta.get("version")
+    if ref and str(ref).startswith("models:/"):
+        parts = str(ref)[len("models:/"):].split("/")
+        name = name or parts[0]
+        version = version or (parts[1] if len(parts) > 1 else None)
+    name = name or package.config.tracking.registered_model_name or meta.get("dataset") or package.path.name
+    if version is None:
+        run, epoch = meta.get("run_id"), meta.get("epoch")
+        version = f"run {run}" + (f" epoch {int(epoch) + 1}" if epoch is not None else "") if run else \
+            f"medseg {meta.get('versions', {}).get('medseg', '?')}"
+    return {"name": str(name), "version": str(version), "path": str(package.path), "run_id": meta.get("run_id"),
+            "dataset": meta.get("dataset"), "epoch": meta.get("epoch")}
+
+
+def _warning_text(w: warnings.WarningMessage) -> str:
+    # pydicom's value warnings can quote header values (patient names); keep only their category.
+    if "pydicom" in (w.filename or "") or "pydicom" in type(w.message).__module__:
+        return f"pydicom {w.category.__name__}"
+    return f"{w.category.__name__}: {str(w.message).splitlines()[0][:300]}"
+
+
+def _predict_case(predictor: Predictor, case: InputCase, out: Path, package: ModelPackage,
+                  model: dict[str, Any]) -> tuple[Prediction, dict[str, Any]]:
+    """Read, predict and write one case's outputs; returns the prediction and the record fields."""
+    if case.series is not None:
+        image = load_series_image(case.series)
+        pred = predictor.predict(image, name=str(case.series.folder))
+        save_label_like(pred.labels, pred.reference, out / f"{case.id}{MASK_SUFFIX}")
+        write_series_seg(pred.labels, case.series, package.labels, out / f"{case.id}{SEG_SUFFIX}",
+                         model["name"], model["version"])
+        return pred, {"input_sha256": series_sha256(case.series), "n_slices": case.series.n_slices,
+                      "modality": case.series.modality}
+    pred = predictor.predict(list(case.images))
+    save_label_like(pred.labels, pred.reference, out / f"{case.id}{MASK_SUFFIX}")
+    return pred, {"input_sha256": sha256_file(case.images[0])}
 
 
 def run_batch(package: ModelPackage, cases: list[InputCase], out_dir: str | Path, device: str = "auto",
-              resume: bool = False, progress: bool = True) -> BatchReport:
-    """Segment every case; failures are recorded per case and the batch goes on."""
+              resume: bool = False, progress: bool = True, model_ref: str | None = None,
+              predictor: Predictor | None = None, local_rank: int | None = None) -> BatchReport:
+    """Segment every case; failures are recorded per case and the batch goes on.
+
+    ``predictor`` replaces the one built from ``package`` (tests pass a fixed reference network).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out, cases)
     report = BatchReport()
     todo: list[InputCase] = []
     for c in cases:
-        if resume and is_complete(out, c.id):
+        if resume and is_complete(out, c.id, outputs_of(c)):
             report.skipped.append(c.id)
         else:
             todo.append(c)
-    predictor = Predictor(package, device) if todo else None
-    model_info = {"path": str(package.path), "run_id": package.metadata.get("run_id"),
-                  "dataset": package.metadata.get("dataset"), "epoch": package.metadata.get("epoch")}
+    if todo and predictor is None:
+        predictor = Predictor(package, device, local_rank=local_rank)
+    model = model_identity(package, model_ref)
     from rich.progress import Progress
 
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("predicting", total=len(todo))
         for case in todo:
-            record: dict[str, Any] = {"case": case.id, "inputs": [p.name for p in case.images], "model": model_info}
-            try:
-                pred = predictor.predict(list(case.images))  # type: ignore[union-attr]
-                save_label_like(pred.labels, pred.reference, out / f"{case.id}.nii.gz")
-                record.update(status="ok", seconds=round(pred.seconds, 3), shape=list(pred.labels.shape),
-                              organs=organ_volumes(pred.labels, pred.reference, package.labels),
-                              input_sha256=sha256_file(case.images[0]))
-                report.done.append(case.id)
-            except MedsegError as e:
-                record.update(status="failed", error=str(e))
-                report.failed[case.id] = str(e)
-                log.error("%s: %s", case.id, e)
-            except Exception as e:  # one broken scan must not stop the batch; the error is recorded
-                record.update(status="failed", error=f"{e.__class__.__name__}: {e}")
+            inputs = [case.id] if case.series is not None else [p.name for p in case.images]
+            record: dict[str, Any] = {"case": case.id, "kind": "dicom" if case.series is not None else "nifti",
+                                      "inputs": inputs, "model": model}
+            t0 = time.perf_counter()
+            with PeakMemory() as peak, warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    pred, extra = _predict_case(predictor, case, out, package, model)  # type: ignore[arg-type]
+                    organs = organ_volumes(pred.labels, pred.reference, package.labels)
+                    record.update(status="ok", seconds=round(pred.seconds, 3), shape=list(pred.labels.shape),
+                                  organs=organs, outputs=outputs_of(case), **extra)
+                    report.done.append(case.id)
+                except MedsegError as e:
+                    record.update(status="failed", error=str(e))
+                    log.error("%s: %s", case.id, e)
+                except Exception as e:  # one broken scan must not stop the batch; the error is recorded
+                    record.update(status="failed", error=f"{e.__class__.__name__}: {e}")
+                    log.exception("%s failed", case.id)
+            if record["status"] == "failed":
                 report.failed[case.id] = record["error"]
-                log.exception("%s failed", case.id)
-            write_json_atomic(out / f"{case.id}.json", record)
+            notes = list(dict.fromkeys(_warning_text(w) for w in caught))
+            notes += [f"no voxels predicted for {name}" for name, v in record.get("organs", {}).items() if not v["voxels"]]
+            record.update(runtime_s=round(time.perf_counter() - t0, 3), peak_rss_mb=peak.peak_mb,
+                          peak_rss_scope=peak.scope, warnings=notes)
+            write_json_atomic(out / f"{case.id}{RECORD_SUFFIX}", record)
             bar.advance(task)
+    report.summary = write_summary(out, package.labels)
     return report
+
+
+def case_records(out_dir: Path) -> list[dict[str, Any]]:
+    """Every per-case JSON record in ``out_dir`` (other JSON files are ignored), sorted by case id."""
+    records = []
+    for p in sorted(Path(out_dir).glob(f"*{RECORD_SUFFIX}")):
+        if not is_output_file(p):
+            continue
+        try:
+            doc = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(doc, dict) and {"case", "status"} <= doc.keys() and p.name == f"{doc['case']}{RECORD_SUFFIX}":
+            records.append(doc)
+    return sorted(records, key=lambda d: str(d["case"]))
+
+
+def write_summary(out_dir: Path, label_map: dict[str, int]) -> Path:
+    """Rebuild ``summary.csv`` (case, status, seconds, peak memory, organ volumes, error) atomically."""
+    organs = [n for n, v in sorted(label_map.items(), key=lambda kv: kv[1]) if v != 0]
+    fields = ["case", "status", "seconds", "runtime_s", "peak_rss_mb"]
+    fields += [f"{o}_{k}" for o in organs for k in ("ml", "voxels")] + ["error"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for doc in case_records(out_dir):
+        row = {k: doc.get(k, "") for k in ("case", "status", "seconds", "runtime_s", "peak_rss_mb", "error")}
+        for o in organs:
+            v = doc.get("organs", {}).get(o, {})
+            row[f"{o}_ml"], row[f"{o}_voxels"] = v.get("volume_ml", ""), v.get("voxels", "")
+        w.writerow(row)
+    return write_text_atomic(Path(out_dir) / SUMMARY, buf.getvalue())

@@ -3,6 +3,7 @@
     model.pt        state dict (loaded with weights_only=True)
     config.yaml     the resolved training config (preprocessing, architecture, inference settings)
     metadata.json   model card: label map, channels, spacing, intensity, versions, run id, metrics
+    MLmodel         MLflow model descriptor (a ``medseg`` flavour), so the registry lists it as a model
 
 A package can be referenced as the folder itself, a training run folder (``RUN/model``), or an MLflow
 URI (``models:/NAME/VERSION``, ``runs:/RUN_ID/model``), which is downloaded first.
@@ -27,7 +28,7 @@ from medseg.io.atomic import write_json_atomic, write_text_atomic
 from medseg.io.manifest import Manifest
 from medseg.models import build_model
 
-WEIGHTS, CONFIG, METADATA = "model.pt", "config.yaml", "metadata.json"
+WEIGHTS, CONFIG, METADATA, MLMODEL = "model.pt", "config.yaml", "metadata.json", "MLmodel"
 
 
 @dataclass
@@ -87,11 +88,34 @@ def save_package(out_dir: str | Path, model: nn.Module, cfg: Config, manifest: M
     }
     write_text_atomic(out / CONFIG, cfg.to_yaml())
     write_json_atomic(out / METADATA, meta)
+    write_text_atomic(out / MLMODEL, _mlmodel_yaml(meta))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from medseg.engine.checkpoint import save_checkpoint
 
     save_checkpoint(out / WEIGHTS, state)
     return out
+
+
+def _mlmodel_yaml(meta: dict[str, Any]) -> str:
+    """An ``MLmodel`` file declaring a ``medseg`` flavour, so MLflow lists and registers the package as a model.
+
+    No pyfunc flavour on purpose: pyfunc would pickle Python code into the artifact, while a medseg package
+    holds only weights-only tensors and text; ``medseg predict --model models:/NAME/VERSION`` loads it.
+    """
+    import datetime
+
+    import yaml
+
+    doc = {
+        "artifact_path": "model",
+        "flavors": {"medseg": {"format": meta["format"], "weights": WEIGHTS, "config": CONFIG, "metadata": METADATA,
+                               "loader": "medseg.inference.model_package:load_package",
+                               "medseg_version": meta["versions"]["medseg"]}},
+        "model_uuid": None,
+        "run_id": meta.get("run_id"),
+        "utc_time_created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f"),
+    }
+    return yaml.safe_dump({k: v for k, v in doc.items() if v is not None}, sort_keys=False)
 
 
 def _download_mlflow(uri: str, tracking_uri: str | None) -> Path:

@@ -4,6 +4,12 @@ The scan goes through the model's own (invertible) preprocessing, is segmented w
 inference, and the class probabilities are taken back through ``Invertd`` (undoing the foreground crop,
 the resampling and the reorientation) before the argmax. The mask is then written with the input file's
 own affine and header, so it overlays the scan voxel for voxel; ``check_overlay`` asserts that.
+
+Inputs are NIfTI files or an in-memory ``nib.Nifti1Image`` (e.g. a DICOM series converted with
+``sitk_to_nifti``), so DICOM needs no temporary file. ``inference.memory_bounded`` trades a little
+accuracy at label boundaries (the label map, not the probabilities, is inverted, with nearest
+interpolation) for memory: the raw scan is cropped to the body before any float copy, and windows are
+stitched on the CPU in float16.
 """
 
 from __future__ import annotations
@@ -17,14 +23,17 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.transforms import Invertd
+from monai.transforms import Compose, Invertd
 
-from medseg.data.transforms import eval_transforms
+from medseg.data.transforms import ForegroundAbove, eval_transforms
 from medseg.engine.device import resolve_device, resolve_precision
 from medseg.errors import InputError
 from medseg.inference.model_package import ModelPackage
+from medseg.inference.postprocess import postprocess
 from medseg.inference.sliding import predictor_for
-from medseg.io.nifti import load_nifti, voxel_spacing
+from medseg.io.nifti import load_nifti, read_array, voxel_spacing
+
+ARGMAX_SLAB = 16  # slices per argmax step in memory-bounded mode (int64 argmax output stays small)
 
 
 @dataclass
@@ -39,59 +48,155 @@ class Prediction:
 class Predictor:
     """Holds one loaded model (loaded once per batch) and segments scans with it."""
 
-    def __init__(self, package: ModelPackage, device: str = "auto", model: torch.nn.Module | None = None) -> None:
+    def __init__(self, package: ModelPackage, device: str = "auto", model: torch.nn.Module | None = None,
+                 local_rank: int | None = None) -> None:
         """Load the package's network once; ``model`` replaces it (e.g. a fixed reference network in tests)."""
         self.package = package
         self.cfg = package.config
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, local_rank)
         self.precision = resolve_precision(self.cfg.train.amp, self.device)
         self.model = model.to(self.device).eval() if model is not None else package.build(self.device)
         self.pre = eval_transforms(self.cfg, with_label=False)
+        self.pre_in_memory = Compose(self.pre.transforms[1:])  # everything after LoadImaged
         self.invert = Invertd(keys="pred", transform=self.pre, orig_keys="image", nearest_interp=False, to_tensor=True)
+        self.invert_labels = Invertd(keys="pred", transform=self.pre, orig_keys="image", nearest_interp=True, to_tensor=True)
         self.window = self.cfg.roi_size if self.cfg.model.spatial_dims == 3 else (*self.cfg.roi_size, 1)
         self.predict_fn = predictor_for(self.model, self.cfg.model.spatial_dims)
 
-    @torch.inference_mode()
-    def probabilities(self, image_paths: list[Path]) -> tuple[torch.Tensor, nib.Nifti1Image]:
-        """Class probabilities (C, *input_shape) in the input's voxel grid, and the input header."""
-        reference = load_nifti(image_paths[0])
+    # ---- loading ---------------------------------------------------------------------------------
+    def _check_channels(self, reference: nib.Nifti1Image, n_files: int, path: Path | str) -> None:
         if len(reference.shape) not in (3, 4):
-            raise InputError(image_paths[0], f"expected a 3D volume, got shape {reference.shape}")
+            raise InputError(path, f"expected a 3D volume, got shape {reference.shape}")
         n_in = int(self.package.metadata["in_channels"])
-        n_given = len(image_paths) if len(image_paths) > 1 else (reference.shape[3] if len(reference.shape) == 4 else 1)
+        n_given = n_files if n_files > 1 else (reference.shape[3] if len(reference.shape) == 4 else 1)
         if n_given != n_in:
-            raise InputError(image_paths[0], f"model expects {n_in} input channel(s), got {n_given}")
+            raise InputError(path, f"model expects {n_in} input channel(s), got {n_given}")
+
+    def _from_files(self, image_paths: list[Path]) -> tuple[dict, nib.Nifti1Image]:
+        reference = load_nifti(image_paths[0])
+        self._check_channels(reference, len(image_paths), image_paths[0])
         data = self.pre({"image": [str(p) for p in image_paths] if len(image_paths) > 1 else str(image_paths[0])})
-        image: MetaTensor = data["image"]
-        if not torch.isfinite(image.as_tensor()).all():
-            raise InputError(image_paths[0], "image contains NaN/inf voxels")
+        return data, reference
+
+    def _from_image(self, image: nib.Nifti1Image, name: str) -> dict:
+        """Preprocess an in-memory image exactly as ``LoadImaged`` + the rest of the pipeline would a file."""
+        self._check_channels(image, 1, name)
+        array = read_array(image, name)
+        array = array[None] if array.ndim == 3 else np.moveaxis(array, -1, 0)  # channel first
+        affine = torch.as_tensor(image.affine, dtype=torch.float64)
+        tensor = MetaTensor(torch.from_numpy(np.ascontiguousarray(array)), affine=affine,
+                            meta={"original_affine": image.affine.copy(), "spatial_shape": np.array(image.shape[:3]),
+                                  "filename_or_obj": name, "original_channel_dim": 0 if array.ndim == 4 else "no_channel"})
+        return self.pre_in_memory({"image": tensor})
+
+    # ---- inference -------------------------------------------------------------------------------
+    def _logits(self, image: MetaTensor, stitch_device: torch.device | None = None, half: bool = False) -> torch.Tensor:
+        """Sliding-window logits (1, C, *preprocessed shape), mirrored TTA averaged in when configured."""
         inf = self.cfg.inference
+        x = image.as_tensor().unsqueeze(0)
+        fn = self.predict_fn
+        if half:  # stitch in float16 (MONAI stitches in the input's dtype); the network still runs in float32
+            x = x.half()
+            fn = _cast_io(self.predict_fn)
+        kw = dict(overlap=inf.overlap, mode=inf.blend_mode, sw_device=self.device, device=stitch_device or self.device)
         with self.precision.autocast(self.device):
-            logits = sliding_window_inference(image.unsqueeze(0).to(self.device), self.window, inf.sw_batch_size,
-                                              self.predict_fn, overlap=inf.overlap, mode=inf.blend_mode)
+            logits = sliding_window_inference(x, self.window, inf.sw_batch_size, fn, **kw)
             if inf.tta_mirror:  # average over mirrored copies (flips are their own inverse)
                 dims = list(range(2, logits.ndim))
                 for d in dims:
-                    flipped = torch.flip(image.unsqueeze(0).to(self.device), [d])
-                    logits = logits + torch.flip(sliding_window_inference(flipped, self.window, inf.sw_batch_size,
-                                                                          self.predict_fn, overlap=inf.overlap, mode=inf.blend_mode), [d])
-                logits = logits / (len(dims) + 1)
-        probs = torch.softmax(logits.float(), dim=1)[0].cpu()
+                    logits += torch.flip(sliding_window_inference(torch.flip(x, [d]), self.window, inf.sw_batch_size, fn, **kw), [d])
+                logits /= len(dims) + 1
+        return logits
+
+    def _check_finite(self, image: MetaTensor, name: Path | str) -> None:
+        if not torch.isfinite(image.as_tensor()).all():
+            raise InputError(name, "image contains NaN/inf voxels")
+
+    @torch.inference_mode()
+    def _probabilities(self, data: dict, name: Path | str) -> torch.Tensor:
+        image: MetaTensor = data["image"]
+        self._check_finite(image, name)
+        probs = torch.softmax(self._logits(image).float(), dim=1)[0].cpu()
         data["pred"] = MetaTensor(probs, meta=image.meta, applied_operations=image.applied_operations)
         restored = self.invert(data)["pred"]
-        restored = restored.as_tensor() if isinstance(restored, MetaTensor) else torch.as_tensor(restored)
-        return restored, reference
+        return restored.as_tensor() if isinstance(restored, MetaTensor) else torch.as_tensor(restored)
 
-    def predict(self, image_paths: list[Path]) -> Prediction:
-        """Label map (argmax) in the input's voxel grid."""
+    @torch.inference_mode()
+    def _labels_bounded(self, data: dict, name: Path | str) -> np.ndarray:
+        """Argmax in the preprocessed grid, slab by slab, then the uint8 label map is inverted (nearest)."""
+        image: MetaTensor = data["image"]
+        self._check_finite(image, name)
+        logits = self._logits(image, stitch_device=torch.device("cpu"), half=True)[0]
+        data["image"] = MetaTensor(torch.empty(0), meta=image.meta, applied_operations=image.applied_operations)
+        del image  # the preprocessed float image is no longer needed
+        labels = torch.empty(logits.shape[1:], dtype=torch.uint8)
+        for z in range(0, labels.shape[-1], ARGMAX_SLAB):
+            labels[..., z:z + ARGMAX_SLAB] = logits[..., z:z + ARGMAX_SLAB].argmax(0).to(torch.uint8)
+        del logits
+        data["pred"] = MetaTensor(labels[None], meta=data["image"].meta, applied_operations=data["image"].applied_operations)
+        restored = self.invert_labels(data)["pred"]
+        restored = restored.as_tensor() if isinstance(restored, MetaTensor) else torch.as_tensor(restored)
+        return restored[0].round().to(torch.uint8).numpy()
+
+    def probabilities(self, image_paths: list[Path]) -> tuple[torch.Tensor, nib.Nifti1Image]:
+        """Class probabilities (C, *input_shape) in the input's voxel grid, and the input header."""
+        data, reference = self._from_files(image_paths)
+        return self._probabilities(data, image_paths[0]), reference
+
+    def _segment(self, source: nib.Nifti1Image | list[Path], name: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+        bounded = self.cfg.inference.memory_bounded
+        if isinstance(source, list) and not (bounded and len(source) == 1):
+            data, reference = self._from_files(source)
+            return self._argmax(self._probabilities(data, name)), reference
+        reference = load_nifti(source[0]) if isinstance(source, list) else source
+        if not bounded:
+            return self._argmax(self._probabilities(self._from_image(reference, str(name)), name)), reference
+        self._check_channels(reference, 1, name)
+        box = self._body_box(read_array(reference, name))
+        labels = np.zeros(reference.shape[:3], dtype=np.uint8)
+        if box is not None:  # no body at all: an empty mask
+            cropped = reference.slicer[box]  # nibabel moves the affine with the crop: geometry is kept
+            labels[box] = self._labels_bounded(self._from_image(cropped, str(name)), name)
+        return labels, reference
+
+    def _body_box(self, array: np.ndarray) -> tuple[slice, ...] | None:
+        """Bounding box of the body on the raw array (before any float copy), with the pipeline's margin."""
+        if not self.cfg.data.crop_foreground:
+            return tuple(slice(0, s) for s in array.shape[:3])
+        body = ForegroundAbove(self.cfg.data.foreground_threshold)(array if array.ndim == 3 else array[..., 0])
+        if not body.any():
+            return None
+        box = []
+        for axis in range(3):
+            hit = np.flatnonzero(body.any(axis=tuple(a for a in range(3) if a != axis)))
+            box.append(slice(max(int(hit[0]) - 2, 0), min(int(hit[-1]) + 3, array.shape[axis])))
+        return tuple(box)
+
+    def _argmax(self, probs: torch.Tensor) -> np.ndarray:
+        return probs.argmax(0).numpy().astype(np.uint8 if self.package.num_classes < 256 else np.uint16)
+
+    def predict(self, source: list[Path] | nib.Nifti1Image, name: str | None = None) -> Prediction:
+        """Label map (argmax, then the configured post-processing) in the input's voxel grid.
+
+        ``source`` is a list of NIfTI files (one per channel) or an in-memory image; ``name`` names it in errors.
+        """
         t0 = time.perf_counter()
-        probs, reference = self.probabilities(image_paths)
-        labels = probs.argmax(0).numpy().astype(np.uint8 if self.package.num_classes < 256 else np.uint16)
-        check_overlay(labels, reference, image_paths[0])
+        name = name or (str(source[0]) if isinstance(source, list) else "image")
+        labels, reference = self._segment(source, name)
+        check_overlay(labels, reference, name)
+        voxel_ml = float(np.prod(voxel_spacing(reference.affine))) / 1000.0
+        labels = postprocess(labels, self.cfg.inference, voxel_ml, self.package.labels.values())
         return Prediction(labels, reference, time.perf_counter() - t0)
 
 
-def check_overlay(labels: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
+def _cast_io(fn):  # noqa: ANN001, ANN202 - a sliding-window predictor
+    """Run ``fn`` in float32 on float16 windows and return float16 logits (for float16 stitching)."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return fn(x.float()).half()
+    return run
+
+
+def check_overlay(labels: np.ndarray, reference: nib.Nifti1Image, path: Path | str) -> None:
     """The mask must have exactly the input's spatial shape (its affine is copied from the input)."""
     if labels.shape != tuple(reference.shape[:3]):
         raise RuntimeError(f"{path}: prediction shape {labels.shape} does not match input {reference.shape[:3]} (inversion bug)")

@@ -21,6 +21,9 @@ from medseg.io.dicom_series import SeriesInfo
 
 DEFAULT_CATEGORY = codes.SCT.Tissue  # SCT 85756007, CID 7150 "Segmentation Property Categories"
 DEFAULT_TYPE = codes.SCT.Tissue
+# Type 2 Patient/Study attributes highdicom copies from the source images into the SEG.
+_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
+                 "StudyDate", "StudyTime", "ReferringPhysicianName")
 
 
 def write_dicom_seg(
@@ -45,6 +48,10 @@ def write_dicom_seg(
     out_path = Path(out_path)
     labels = _check_label_map(label_map)
     sources = [pydicom.dcmread(Path(f), stop_before_pixels=True) for f in source_files]
+    for ds in sources:  # derived series (e.g. crops) may lack these; highdicom copies them and needs them present
+        for keyword in _TYPE2_COPIED:
+            if keyword not in ds:
+                setattr(ds, keyword, "")  # type 2: empty is valid ("unknown"); only the in-memory copy changes
     expected = (len(sources), int(sources[0].Rows), int(sources[0].Columns)) if sources else None
     if label_array.shape != expected:
         raise ValueError(f"label array shape {label_array.shape} != source series (slices, rows, cols) {expected}")

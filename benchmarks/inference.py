@@ -1,0 +1,156 @@
+"""Inference benchmark: medseg's predictor vs a plain MONAI sliding_window_inference call, same run.
+
+    .venv/bin/python benchmarks/inference.py                      # 512x512x300, memory-bounded on 512x512x600
+    .venv/bin/python benchmarks/inference.py --shape 128 128 60 --bounded-shape 128 128 120   # smoke size
+
+A synthetic CT (air around an elliptic body with organs, int16 HU) is segmented by the same untrained
+network (weights fixed by a seed) with the same ROI, overlap and window batch:
+
+- plain: windowed intensity of the whole volume -> ``monai.inferers.sliding_window_inference`` -> argmax;
+- medseg: ``Predictor.predict`` on the in-memory image (preprocessing, body crop, inversion, argmax).
+
+The network uses batch norm (a fixed affine map in eval mode): with instance norm each window would be
+normalised by its own content, so two window grids could not give equal outputs even in principle.
+
+Printed: seconds and throughput (Mvoxel/s) of both and their ratio, peak RSS (process high-water mark
+inside each step, and above the RSS before it) and its ratio, label agreement and the max abs difference
+of the class probabilities inside the body. Then medseg's memory-bounded mode on the larger volume:
+peak RSS relative to the input's bytes (goal <= 3x). Numbers depend on the machine: say which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from monai.inferers import sliding_window_inference  # noqa: E402
+
+from medseg.config import load_config  # noqa: E402
+from medseg.data.phantom import write_phantom  # noqa: E402
+from medseg.inference.memory import PeakMemory  # noqa: E402
+from medseg.inference.model_package import load_package, save_package  # noqa: E402
+from medseg.inference.options import apply_inference_overrides  # noqa: E402
+from medseg.inference.predictor import Predictor  # noqa: E402
+from medseg.models import build_model  # noqa: E402
+
+LOWER, UPPER = -200.0, 300.0
+
+
+def synthetic_ct(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """int16 HU volume: air (-1000) around an elliptic body (~55% of each slice) with three organs and noise."""
+    rng = np.random.default_rng(seed)
+    x, y = np.ogrid[:shape[0], :shape[1]]
+    cx, cy = shape[0] / 2, shape[1] / 2
+    body2d = ((x - cx) / (0.42 * shape[0])) ** 2 + ((y - cy) / (0.32 * shape[1])) ** 2 <= 1
+    vol = np.full(shape, -1000, np.int16)
+    z0, z1 = int(0.05 * shape[2]), int(0.95 * shape[2])
+    vol[:, :, z0:z1][body2d] = 40
+    zz = np.arange(shape[2])[None, None, :]
+    for (fx, fy, fz, r, hu) in ((0.4, 0.45, 0.5, 0.12, 60), (0.62, 0.5, 0.45, 0.07, 110), (0.5, 0.6, 0.55, 0.05, 180)):
+        organ = ((x[..., None] - fx * shape[0]) ** 2 + (y[..., None] - fy * shape[1]) ** 2) / (r * shape[0]) ** 2 \
+            + ((zz - fz * shape[2]) / (2.5 * r * shape[2])) ** 2 <= 1
+        vol[organ] = hu
+    noise = rng.normal(0, 10, size=shape[:2]).astype(np.int16)  # one noise plane, repeated (cheap)
+    vol[vol > -1000] += np.broadcast_to(noise[..., None], shape)[vol > -1000]
+    return vol
+
+
+def build_package(tmp: Path, roi: tuple[int, ...], overlap: float, sw_batch: int, channels: list[int]):
+    manifest = write_phantom(tmp / "ph", cases=2, seed=0, val_fraction=0.5, shape=(32, 32, 16), spacing=(3.0, 3.0, 4.0))
+    cfg = load_config("phantom_unet3d", [f"data.manifest={manifest.path}", "data.spacing=null",
+                                         f"data.patch_size={list(roi)}", f"model.params.channels={channels}", "model.params.norm=batch",
+                                         f"inference.overlap={overlap}", f"inference.sw_batch_size={sw_batch}"])
+    torch.manual_seed(0)
+    net = build_model(cfg.model.name, 3, manifest.num_channels, manifest.num_classes, cfg.model.params)
+    save_package(tmp / "pkg", net, cfg, manifest)
+    return load_package(tmp / "pkg")
+
+
+def rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def plain_monai(vol: np.ndarray, net: torch.nn.Module, roi, overlap: float, sw_batch: int) -> tuple[np.ndarray, torch.Tensor]:
+    """The reference: the same network on the whole volume, no body crop."""
+    x = torch.from_numpy(vol).float()
+    x = ((x.clamp(LOWER, UPPER) - LOWER) / (UPPER - LOWER))[None, None]
+    with torch.no_grad():
+        logits = sliding_window_inference(x, roi, sw_batch, net, overlap=overlap, mode="gaussian")
+    probs = torch.softmax(logits, 1)[0]
+    return probs.argmax(0).numpy().astype(np.uint8), probs
+
+
+def timed(fn):
+    gc.collect()
+    before = rss_mb()
+    with PeakMemory() as pm:
+        t0 = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - t0
+    return out, seconds, pm.peak_mb, pm.peak_mb - before
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", type=int, nargs=3, default=[512, 512, 300])
+    ap.add_argument("--bounded-shape", type=int, nargs=3, default=[512, 512, 600])
+    ap.add_argument("--roi", type=int, nargs=3, default=[96, 96, 64])
+    ap.add_argument("--overlap", type=float, default=0.25)
+    ap.add_argument("--sw-batch", type=int, default=4)
+    ap.add_argument("--channels", type=int, nargs="+", default=[8, 16, 32, 64])
+    ap.add_argument("--skip-compare", action="store_true", help="only the memory-bounded run")
+    ap.add_argument("--skip-bounded", action="store_true", help="only the comparison with plain MONAI")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"device cpu; roi {args.roi}, overlap {args.overlap}, sw_batch {args.sw_batch}")
+    with tempfile.TemporaryDirectory() as d:
+        pkg = build_package(Path(d), tuple(args.roi), args.overlap, args.sw_batch, args.channels)
+        affine = np.diag([0.8, 0.8, 1.5, 1.0])
+        if not args.skip_compare:
+            vol = synthetic_ct(tuple(args.shape))
+            img = nib.Nifti1Image(vol, affine)
+            predictor = Predictor(pkg, device="cpu")
+            net = predictor.model
+            nvox = vol.size / 1e6
+            body = vol > -500
+            (plain_labels, plain_probs), t_plain, peak_plain, d_plain = timed(
+                lambda: plain_monai(vol, net, tuple(args.roi), args.overlap, args.sw_batch))
+            pred, t_med, peak_med, d_med = timed(lambda: predictor.predict(img, name="synthetic"))
+            with torch.inference_mode():
+                med_probs = predictor._probabilities(predictor._from_image(img, "synthetic"), "synthetic")
+            diff = float((med_probs - plain_probs).abs().amax(0)[torch.from_numpy(body)].max())
+            agree = float((pred.labels == plain_labels)[body].mean())
+            print(f"\nvolume {tuple(args.shape)} int16 ({vol.nbytes / 2**20:.0f} MiB), body {body.mean():.0%} of voxels")
+            print(f"  plain MONAI : {t_plain:7.2f} s  {nvox / t_plain:7.2f} Mvox/s  peak RSS {peak_plain:7.0f} MiB (+{d_plain:.0f})")
+            print(f"  medseg      : {t_med:7.2f} s  {nvox / t_med:7.2f} Mvox/s  peak RSS {peak_med:7.0f} MiB (+{d_med:.0f})")
+            print(f"  throughput ratio medseg/plain: {t_plain / t_med:.2f}x   peak-RSS increase ratio: {d_med / max(d_plain, 1):.2f}x")
+            print(f"  inside the body: label agreement {agree:.5f}, max |prob diff| {diff:.3g}")
+            del vol, img, plain_labels, plain_probs, med_probs, pred, predictor
+        if not args.skip_bounded:
+            vol = synthetic_ct(tuple(args.bounded_shape))
+            img = nib.Nifti1Image(vol, affine)
+            bounded = Predictor(apply_inference_overrides(pkg, ["inference.memory_bounded=true"]), device="cpu")
+            pred, t_b, peak_b, d_b = timed(lambda: bounded.predict(img, name="synthetic-large"))
+            mb = vol.nbytes / 2**20
+            print(f"\nmemory-bounded, volume {tuple(args.bounded_shape)} int16 ({mb:.0f} MiB, already in memory)")
+            print(f"  medseg      : {t_b:7.2f} s  {vol.size / 1e6 / t_b:7.2f} Mvox/s  peak RSS {peak_b:7.0f} MiB, "
+                  f"+{d_b:.0f} MiB above the RSS before")
+            print(f"  peak RSS / input bytes: {peak_b / mb:.2f}x (whole process incl. torch), "
+                  f"{(d_b + mb) / mb:.2f}x (input + what prediction added); goal <= 3x")
+
+
+if __name__ == "__main__":
+    main()
