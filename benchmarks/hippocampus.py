@@ -105,7 +105,7 @@ def main() -> int:
         sys.exit(f"{manifest}: split differs from the committed {COMMITTED}")
     print(f"  split: {len(split['train'])} train / {len(split['val'])} val / {len(split['test'])} test (held out)")
 
-    stages["plan"] = run_stage("plan", ["data", "plan", str(manifest), "--out", str(work / "plans.json")], env, REPO, logs)
+    stages["plan"] = run_stage("plan", ["data", "plan", str(manifest)], env, REPO, logs)
     print("  " + next(ln for ln in (logs / "plan.log").read_text().splitlines() if ln.startswith("suggested")))
 
     stages["train"] = run_stage("train", ["train", a.preset, f"data.manifest={manifest}", f"train.output_dir={run_dir.parent}",

@@ -88,17 +88,20 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--cases", type=int, default=6)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--full-size", action="store_true", help="keep each preset's own patch and network sizes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="medseg_bench_"))
     manifest = write_phantom(work / "phantom", cases=args.cases, seed=0, val_fraction=0.34, shape=(64, 64, 32),
                              spacing=(3.0, 3.0, 4.0))
     manifest = load_manifest(manifest.path)
-    print(f"CPU, {args.threads} threads, {args.cases}-case phantom, {args.epochs} timed epochs after 1 warm-up")
+    print(f"CPU, {args.threads} threads, {args.cases}-case phantom, {args.epochs} timed epochs after 1 warm-up, "
+          f"{'preset sizes' if args.full_size else 'CPU-scale sizes'}")
     print(f"{'preset':20s} {'steps':>5s} {'step ms':>8s} {'data %':>7s} {'medseg smp/s':>13s} {'plain smp/s':>12s} "
           f"{'plain data %':>12s} {'ratio':>6s}")
     for preset in args.presets:
-        cfg = load_config(preset, [*SMALL.get(preset, []), f"data.manifest={manifest.path}", f"train.output_dir={work / 'runs'}",
+        small = [] if args.full_size else SMALL.get(preset, [])
+        cfg = load_config(preset, [*small, f"data.manifest={manifest.path}", f"train.output_dir={work / 'runs'}",
                                    f"train.run_name={preset}", "tracking.backend=none", "train.device=cpu",
                                    "data.samples_per_volume=2", "data.batch_size=2", "data.augment=true"])
         t_m, d_m, n_m, steps = medseg_loop(cfg, manifest, args.epochs)

@@ -54,6 +54,10 @@ class DataConfig(_Strict):
     cache: Literal["memory", "disk", "none"] = "memory"
     cache_dir: Path | None = None
     augment: bool = True
+    augmentations: list[str] = Field(
+        default_factory=lambda: ["intensity", "noise"],
+        description="augmentations by registry name (intensity, noise, spatial, flip_lr), applied when augment is true",
+    )
 
     @field_validator("spacing")
     @classmethod
@@ -114,6 +118,7 @@ class TrainConfig(_Strict):
     grad_accumulation: int = Field(default=1, ge=1)
     hd95_every: int = Field(default=5, ge=0, description="per-organ HD95 (mm) every k epochs at validation; 0: never")
     overlay_cases: int = Field(default=3, ge=0, description="validation cases drawn as PNG overlays of the best epoch")
+    num_threads: int | None = Field(default=None, ge=1, description="torch intra-op CPU threads; None keeps torch's default")
 
 
 class InferenceConfig(_Strict):
@@ -124,6 +129,9 @@ class InferenceConfig(_Strict):
     sw_batch_size: int = Field(default=4, ge=1)
     blend_mode: Literal["gaussian", "constant"] = "gaussian"
     tta_mirror: bool = False
+    tta_axes: list[int] | None = Field(
+        default=None, description="spatial axes mirrored by tta_mirror (0 = L-R after RAS); None: all. Mirror only "
+        "axes the model was trained to be invariant to (e.g. [0] with the flip_lr augmentation)")
     keep_largest_component: bool = Field(default=False, description="keep only the largest connected component of each organ")
     min_component_voxels: int = Field(default=0, ge=0, description="remove components with fewer voxels (0: off)")
     min_component_ml: float = Field(default=0.0, ge=0.0, description="remove components smaller than this volume in ml (0: off)")
@@ -162,6 +170,9 @@ class Config(_Strict):
         roi = self.inference.roi_size
         if roi is not None and len(roi) != nd:
             raise ValueError(f"inference.roi_size has {len(roi)} values but model.spatial_dims is {nd}")
+        axes = self.inference.tta_axes
+        if axes is not None and (not axes or any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes)):
+            raise ValueError(f"inference.tta_axes must be distinct spatial axes among 0, 1, 2, got {axes}")
         return self
 
     @property
@@ -274,6 +285,11 @@ def _check_registry_params(cfg: Config, source: str) -> None:
     from medseg.losses import LOSSES
     from medseg.models import MODELS, RESERVED_PARAMS
 
+    from medseg.data.transforms import AUGMENTATIONS
+
+    for aug in cfg.data.augmentations:
+        if aug not in AUGMENTATIONS:
+            raise ConfigError(f"{source}: data.augmentations: unknown augmentation {aug!r}; valid names: {', '.join(AUGMENTATIONS.names())}")
     for section, registry, name, params, reserved in (
         ("model", MODELS, cfg.model.name, cfg.model.params, RESERVED_PARAMS),
         ("loss", LOSSES, cfg.loss.name, cfg.loss.params, ("num_classes",)),

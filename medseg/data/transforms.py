@@ -41,6 +41,22 @@ def _noise_aug(keys: Sequence[str], spatial_dims: int) -> list[mt.Transform]:
     return [mt.RandGaussianNoised(keys=IMAGE, std=0.05, prob=0.2)]
 
 
+@AUGMENTATIONS.register("spatial")
+def _spatial_aug(keys: Sequence[str], spatial_dims: int) -> list[mt.Transform]:
+    # Small rotations (+-15 deg) and scaling (+-15 %), as in nnU-Net's default spatial augmentation;
+    # labels use nearest interpolation so no new label values appear. Patch size is kept.
+    rot = (0.26,) * (1 if spatial_dims == 2 else 3)
+    return [mt.RandAffined(keys=list(keys), prob=0.3, rotate_range=rot, scale_range=(0.15,) * spatial_dims,
+                           mode=("bilinear", "nearest"), padding_mode="border")]
+
+
+@AUGMENTATIONS.register("flip_lr")
+def _flip_lr_aug(keys: Sequence[str], spatial_dims: int) -> list[mt.Transform]:
+    # Left-right mirror only (axis 0 is L-R after Orientationd to RAS): anatomy is bilaterally similar,
+    # whereas anterior-posterior or superior-inferior flips would change what the labels mean.
+    return [mt.RandFlipd(keys=list(keys), prob=0.5, spatial_axis=0)]
+
+
 class ForegroundAbove:
     """Foreground selector for ``CropForegroundd``: voxels above ``threshold`` (or above the minimum).
 
@@ -100,8 +116,8 @@ def train_transforms(cfg: Config, num_classes: int) -> mt.Compose:
     """Preprocessing + patch sampling + light augmentation."""
     aug: list[mt.Transform] = []
     if cfg.data.augment:
-        for name in ("intensity", "noise"):
-            aug += AUGMENTATIONS.get(name)([IMAGE], cfg.model.spatial_dims)
+        for name in cfg.data.augmentations:
+            aug += AUGMENTATIONS.get(name)([IMAGE, LABEL], cfg.model.spatial_dims)
     return mt.Compose([*preprocessing(cfg.data, True), *_sampling(cfg, num_classes), *aug])
 
 

@@ -88,6 +88,8 @@ class Trainer:
         self.manifest = manifest
         self.rank, self.world, local_rank = dist_utils.init_distributed()
         self.device = resolve_device(cfg.train.device, local_rank)
+        if cfg.train.num_threads is not None:  # e.g. 1 per process on CPU servers shared by several jobs
+            torch.set_num_threads(cfg.train.num_threads)
         self.precision: Precision = resolve_precision(cfg.train.amp, self.device)
         name = cfg.train.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if not resume and self.world > 1:  # every rank must agree on the run folder
@@ -381,12 +383,26 @@ class Trainer:
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_loss", "val_dice_mean", "val_iou_mean"))
         log.info("epoch %d/%d %s (%.1f s)", epoch + 1, self.cfg.train.epochs, shown, metrics["time_epoch_s"])
 
+    def _plans(self) -> dict[str, Any] | None:
+        """The manifest's plans (``<manifest>.plans.json`` from ``medseg data plan``), if there are any."""
+        import json
+
+        from medseg.planning import plans_path_for
+
+        path = plans_path_for(self.manifest.path) if self.manifest.path else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise MedsegError(f"{path}: unreadable plans file ({e.__class__.__name__})") from None
+
     def _save_best(self, epoch: int, val: ValResult) -> None:
         if not dist_utils.is_main():
             return
         extra = {"run_id": self.tracker.run_id, "epoch": epoch, "val_metrics": val.summary,
                  "dataset_fingerprint": self.manifest.fingerprint(), "git_commit": git_commit()}
-        save_package(self.run_dir / "model", self.model, self.cfg, self.manifest, extra)
+        save_package(self.run_dir / "model", self.model, self.cfg, self.manifest, extra, plans=self._plans())
         write_rows_csv(self.run_dir / "val_cases_best.csv", val.rows)
         from medseg.engine.plots import overlay
 

@@ -29,6 +29,7 @@ from medseg.io.manifest import Manifest
 from medseg.models import build_model
 
 WEIGHTS, CONFIG, METADATA, MLMODEL = "model.pt", "config.yaml", "metadata.json", "MLmodel"
+PLANS = "plans.json"
 
 
 @dataclass
@@ -67,8 +68,13 @@ class ModelPackage:
         return model.to(device).eval()
 
 
-def save_package(out_dir: str | Path, model: nn.Module, cfg: Config, manifest: Manifest, extra: dict[str, Any] | None = None) -> Path:
-    """Write a package folder (each file atomically; weights last so a complete ``model.pt`` means done)."""
+def save_package(out_dir: str | Path, model: nn.Module, cfg: Config, manifest: Manifest, extra: dict[str, Any] | None = None,
+                 plans: dict[str, Any] | None = None) -> Path:
+    """Write a package folder (each file atomically; weights last so a complete ``model.pt`` means done).
+
+    ``plans`` (the dataset fingerprint and planned preprocessing of ``medseg data plan``) travel with the
+    model as ``plans.json``, so the package documents how its preprocessing was chosen.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -86,6 +92,9 @@ def save_package(out_dir: str | Path, model: nn.Module, cfg: Config, manifest: M
                      "python": platform.python_version()},
         **(extra or {}),
     }
+    if plans is not None:
+        write_json_atomic(out / PLANS, plans)
+        meta["plans"] = PLANS
     write_text_atomic(out / CONFIG, cfg.to_yaml())
     write_json_atomic(out / METADATA, meta)
     write_text_atomic(out / MLMODEL, _mlmodel_yaml(meta))

@@ -102,7 +102,8 @@ class Predictor:
         with self.precision.autocast(self.device):
             logits = sliding_window_inference(x, self.window, inf.sw_batch_size, fn, **kw)
             if inf.tta_mirror:  # average over mirrored copies (flips are their own inverse)
-                dims = list(range(2, logits.ndim))
+                axes = inf.tta_axes if inf.tta_axes is not None else range(logits.ndim - 2)
+                dims = [2 + a for a in axes]
                 for d in dims:
                     logits += torch.flip(sliding_window_inference(torch.flip(x, [d]), self.window, inf.sw_batch_size, fn, **kw), [d])
                 logits /= len(dims) + 1

@@ -89,3 +89,12 @@ def test_mask_overlays_after_resampling(tiny_phantom: Path, tmp_path: Path, case
     assert np.array_equal(expected_mask(clean), truth)
     for value in (1, 2, 3):
         assert dice(pred.labels == value, truth == value) > 0.9, value
+
+
+@pytest.mark.parametrize("axes", ["null", "[0]", "[1, 2]"])
+def test_mirror_tta_is_flipped_back(tiny_phantom: Path, tmp_path: Path, axes: str) -> None:
+    # The oracle is voxel-wise, so it commutes with flips: mirrored copies flipped back must agree exactly.
+    pkg, m = _package(tmp_path, tiny_phantom, ["data.spacing=null", "inference.tta_mirror=true", f"inference.tta_axes={axes}"])
+    image_path = m.image_paths(m.cases[3])[0]
+    pred = Predictor(pkg, device="cpu", model=oracle_model()).predict([image_path])
+    assert np.array_equal(pred.labels, expected_mask(np.asanyarray(nib.load(image_path).dataobj)))
