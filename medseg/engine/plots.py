@@ -41,13 +41,15 @@ def learning_curve(history: Sequence[dict[str, float]], organs: Sequence[str], p
         if pts:
             ax_loss.plot(*zip(*pts, strict=True), marker="o", ms=3, label=key)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_loss.legend(loc="best")
+    if ax_loss.lines:
+        ax_loss.legend(loc="best")
     for organ in [*organs, "mean"]:
         pts = [(int(r["epoch"]) + 1, r[f"val_dice_{organ}"]) for r in history if _finite(r.get(f"val_dice_{organ}"))]
         if pts:
             ax_dice.plot(*zip(*pts, strict=True), marker="o", ms=3, label=organ, lw=2.5 if organ == "mean" else 1.2)
     ax_dice.set(xlabel="epoch", ylabel="Dice", title="validation Dice per organ", ylim=(0.0, 1.0))
-    ax_dice.legend(loc="best")
+    if ax_dice.lines:  # no validation yet: an empty panel, not a legend warning
+        ax_dice.legend(loc="best")
     return _save(fig, Path(path))
 
 

@@ -321,7 +321,9 @@ class Trainer:
                 self._seed(epoch + 1)
                 metrics = self._train_epoch(epoch)
                 self.scheduler.step()
-                last = epoch + 1 == cfg.train.epochs
+                # A run stopped by its time budget validates its final epoch, so it still ends with a model.
+                out_of_time = self._out_of_time(epoch, metrics)
+                last = epoch + 1 == cfg.train.epochs or out_of_time
                 if (epoch + 1) % cfg.train.val_every == 0 or last:
                     every = cfg.train.hd95_every
                     val = self.validate(with_hd95=bool(every) and ((epoch + 1) % every == 0 or last),
@@ -338,7 +340,7 @@ class Trainer:
                     save_checkpoint(self.run_dir / "checkpoints" / "last.pt", self._state(epoch))
                 self._log_epoch(epoch, metrics)
                 dist_utils.barrier()
-                if self._should_stop(epoch, metrics):
+                if out_of_time or self._early_stop():
                     break
         except BaseException:
             status = "FAILED"  # KeyboardInterrupt/SIGTERM too; the run can be resumed from last.pt
@@ -362,16 +364,22 @@ class Trainer:
         data["medseg"]["source"] = str(self.manifest.path)
         write_text_atomic(self.run_dir / "manifest.json", json.dumps(data, indent=2) + "\n")
 
-    def _should_stop(self, epoch: int, metrics: dict[str, float]) -> bool:
-        cfg = self.cfg.train
-        stop = False
-        if cfg.early_stopping_patience and self.bad_rounds >= cfg.early_stopping_patience:
+    def _early_stop(self) -> bool:
+        """No validation improvement in ``early_stopping_patience`` rounds (the same on every rank)."""
+        patience = self.cfg.train.early_stopping_patience
+        if patience and self.bad_rounds >= patience:
             log.info("early stopping: no val improvement in %d rounds", self.bad_rounds)
-            stop = True
-        if cfg.max_minutes is not None:
-            spent = time.time() - self.t_start
-            if self.elapsed_before + spent + metrics["time_epoch_s"] > cfg.max_minutes * 60:
-                log.info("time budget of %.1f min reached after epoch %d", cfg.max_minutes, epoch + 1)
+            return True
+        return False
+
+    def _out_of_time(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """Would another epoch overrun ``train.max_minutes``? Rank 0 decides for all ranks."""
+        budget = self.cfg.train.max_minutes
+        stop = False
+        if budget is not None:
+            spent = self.elapsed_before + time.time() - self.t_start
+            if spent + metrics["time_epoch_s"] > budget * 60:
+                log.info("time budget of %.1f min reached after epoch %d", budget, epoch + 1)
                 stop = True
         return bool(dist_utils.broadcast_object(stop))
 
