@@ -72,3 +72,17 @@ def test_gradient_accumulation_steps_the_optimizer_every_k_batches(tiny_phantom:
     batches = len(trainer.train_loader)
     steps = {int(s["step"]) for s in trainer.optimizer.state.values()}
     assert steps == {-(-batches // accumulation)}  # ceil: a last partial group still steps
+
+
+def test_model_package_carries_the_dataset_plans(phantom_copy: Path, tmp_path: Path) -> None:
+    import json
+
+    from medseg.planning import plan_dataset, plans_path_for
+
+    plan_dataset(phantom_copy)  # writes <manifest>.plans.json beside the manifest, where training looks for it
+    plans = json.loads(plans_path_for(phantom_copy).read_text())
+    cfg = _cfg(phantom_copy, tmp_path, "train.epochs=1")
+    Trainer(cfg, load_manifest(phantom_copy)).fit()
+    package = tmp_path / "t" / "model"
+    assert json.loads((package / "plans.json").read_text()) == plans
+    assert json.loads((package / "metadata.json").read_text())["plans"] == "plans.json"
