@@ -160,7 +160,9 @@ def predict(
     resume: Annotated[bool, typer.Option(help="skip cases whose outputs are complete")] = False,
     shard: Annotated[Optional[str], typer.Option(help="I/N: process only shard I of N (0-based); default under torchrun: RANK/WORLD_SIZE")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="inference.KEY=VALUE override, e.g. inference.memory_bounded=true")] = None,
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow URI for models:/ and runs:/ references")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow URI for models:/ and runs:/ references and --mlflow-experiment")] = None,
+    save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="also write <id>_probs.nii.gz (softmax, uint8 steps of 1/255, classes on the last axis)")] = False,
+    mlflow_experiment: Annotated[Optional[str], typer.Option(help="log one MLflow run per batch/shard (counts, timing; no case ids or file names)")] = None,
 ) -> None:
     """Segment scans; masks (and DICOM-SEG for DICOM series) in each scan's own geometry. Exit 3 if some cases failed."""
     from medseg.inference.shard import parse_shard, select_shard, shard_from_env
@@ -169,18 +171,26 @@ def predict(
         shard_ix = parse_shard(shard) if shard else shard_from_env()
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--shard") from None
-    from medseg.inference.batch import discover_inputs, run_batch
+    from medseg.inference.batch import check_probabilities_option, discover_inputs, run_batch
     from medseg.inference.model_package import load_package
     from medseg.inference.options import apply_inference_overrides
 
     cases = discover_inputs(input, split)
     package = apply_inference_overrides(load_package(model, tracking_uri), set_ or [])
+    if save_probabilities:
+        try:
+            check_probabilities_option(package, cases)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--save-probabilities") from None
     if shard_ix is not None:
         cases = select_shard(cases, *shard_ix)
     report = run_batch(package, cases, output, device=device, resume=resume, progress=sys.stderr.isatty(), model_ref=model,
-                       local_rank=_local_rank())
+                       local_rank=_local_rank(), save_probabilities=save_probabilities,
+                       mlflow_experiment=mlflow_experiment, tracking_uri=tracking_uri, shard=shard_ix)
     where = f" (shard {shard_ix[0]}/{shard_ix[1]})" if shard_ix else ""
     typer.echo(f"{len(report.done)} predicted, {len(report.skipped)} already done, {len(report.failed)} failed -> {output}{where}")
+    if report.mlflow_run_id:
+        typer.echo(f"mlflow run id: {report.mlflow_run_id}")
     for cid, err in report.failed.items():
         typer.echo(f"  failed {cid}: {err}", err=True)
     if report.exit_code:

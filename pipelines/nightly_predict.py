@@ -1,7 +1,8 @@
 """Nightly batch prediction: ``python -m pipelines.nightly_predict nightly.yaml``.
 
 The YAML names the model, the input (NIfTI file/folder, manifest or DICOM folder), the output folder and
-optionally the device, shard (``I/N``), log file, resume flag, MLflow URI and inference overrides. Logs
+optionally the device, shard (``I/N``), log file, resume flag, MLflow URI and experiment, whether to save
+probabilities, and inference overrides. Logs
 go to the log file (default ``OUTPUT/nightly.log``). A lock (``fcntl.flock``) on the output folder stops a
 second run on the same folder and shard: it exits 2 with a message saying so. Exit codes are the CLI's:
 0 all ok, 3 some cases failed, 2 usage error (bad config, locked), 1 input/model error.
@@ -36,6 +37,8 @@ class NightlyConfig(BaseModel):
     log_file: Path | None = None
     resume: bool = True
     tracking_uri: str | None = None
+    mlflow_experiment: str | None = None  # one MLflow run per nightly batch (counts and timing only)
+    save_probabilities: bool = False
     inference: list[str] = []  # inference.KEY=VALUE overrides
 
 
@@ -98,7 +101,7 @@ def _log_to_file(log_file: Path) -> None:
 
 def run(config_path: Path) -> int:
     """Run the nightly batch described by ``config_path``; returns the exit code."""
-    from medseg.inference.batch import discover_inputs, run_batch
+    from medseg.inference.batch import check_probabilities_option, discover_inputs, run_batch
     from medseg.inference.model_package import load_package
     from medseg.inference.options import apply_inference_overrides, resolve_shard
     from medseg.inference.shard import select_shard
@@ -116,9 +119,15 @@ def run(config_path: Path) -> int:
         cases = discover_inputs(cfg.input)
         cases = select_shard(cases, *shard) if shard else cases
         package = apply_inference_overrides(load_package(cfg.model, cfg.tracking_uri), cfg.inference)
+        if cfg.save_probabilities:
+            try:
+                check_probabilities_option(package, cases)
+            except ValueError as e:
+                raise UsageError(f"{config_path}: save_probabilities: {e}") from None
         local_rank = int(os.environ["LOCAL_RANK"]) if os.environ.get("LOCAL_RANK", "").isdigit() else None
         report = run_batch(package, cases, cfg.output, device=cfg.device, resume=cfg.resume, progress=False,
-                           model_ref=cfg.model, local_rank=local_rank)
+                           model_ref=cfg.model, local_rank=local_rank, save_probabilities=cfg.save_probabilities,
+                           mlflow_experiment=cfg.mlflow_experiment, tracking_uri=cfg.tracking_uri, shard=shard)
         log.info("%d predicted, %d already done, %d failed; summary %s", len(report.done), len(report.skipped),
                  len(report.failed), report.summary)
         for cid, err in report.failed.items():

@@ -2,10 +2,13 @@
 
 Inputs are NIfTI files (a file, a folder, a manifest) or DICOM series found recursively in a folder.
 For each case the mask ``<id>.nii.gz`` (and for DICOM the DICOM-SEG ``<id>.seg.dcm``) is written first,
+and with ``save_probabilities`` the class probabilities ``<id>_probs.nii.gz``,
 then ``<id>.json`` (status, organ volumes, runtime, peak memory, model, input checksum, warnings,
 outputs). All writes are atomic; the JSON is the completion marker, so ``resume`` skips exactly the cases
 whose JSON says ok and whose listed outputs exist. A failing case gets a JSON with its error. At the end
 ``summary.csv`` is rebuilt from every case JSON in the folder, so it is right after a resume or shards.
+With ``mlflow_experiment`` one MLflow run per call (per shard) records counts and timing only
+(``medseg.inference.batch_tracking``: no case ids, file names or errors).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import hashlib
 import io
 import json
 import logging
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,7 +29,7 @@ from medseg.errors import InputError, MedsegError
 from medseg.inference.dicom_input import load_series_image, series_sha256, write_series_seg
 from medseg.inference.memory import PeakMemory
 from medseg.inference.model_package import ModelPackage
-from medseg.inference.predictor import Prediction, Predictor, organ_volumes
+from medseg.inference.predictor import Prediction, Predictor, organ_volumes, save_probabilities_like
 from medseg.io.atomic import is_output_file, write_json_atomic, write_text_atomic
 from medseg.io.dicom_series import SeriesInfo, discover_series, uid_hash
 from medseg.io.manifest import case_id_from_path, load_manifest
@@ -33,7 +37,7 @@ from medseg.io.nifti import save_label_like
 
 log = logging.getLogger("medseg.predict")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-MASK_SUFFIX, SEG_SUFFIX, RECORD_SUFFIX = ".nii.gz", ".seg.dcm", ".json"
+MASK_SUFFIX, SEG_SUFFIX, RECORD_SUFFIX, PROBS_SUFFIX = ".nii.gz", ".seg.dcm", ".json", "_probs.nii.gz"
 SUMMARY = "summary.csv"
 
 
@@ -54,6 +58,10 @@ class BatchReport:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     summary: Path | None = None
+    seconds: float = 0.0  # wall time of the whole call
+    case_seconds: list[float] = field(default_factory=list)  # runtime of each case predicted or failed in this call
+    peak_rss_mb: float = 0.0  # largest per-case peak RSS (MiB) in this call
+    mlflow_run_id: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -107,9 +115,10 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def outputs_of(case: InputCase) -> list[str]:
+def outputs_of(case: InputCase, probabilities: bool = False) -> list[str]:
     """File names a finished case leaves (the JSON record is written after them)."""
-    return [f"{case.id}{MASK_SUFFIX}"] + ([f"{case.id}{SEG_SUFFIX}"] if case.series is not None else [])
+    return ([f"{case.id}{MASK_SUFFIX}"] + ([f"{case.id}{SEG_SUFFIX}"] if case.series is not None else [])
+            + ([f"{case.id}{PROBS_SUFFIX}"] if probabilities else []))
 
 
 def is_complete(out_dir: Path, case_id: str, outputs: list[str] | None = None) -> bool:
@@ -127,7 +136,7 @@ def remove_stale_temps(out_dir: Path, cases: list[InputCase]) -> int:
     """Delete atomic-write temp files left by a killed run for these cases (another shard's cases are untouched)."""
     n = 0
     for case in cases:
-        for name in [*outputs_of(case), f"{case.id}{RECORD_SUFFIX}"]:
+        for name in [*outputs_of(case, probabilities=True), f"{case.id}{RECORD_SUFFIX}"]:
             for tmp in out_dir.glob(f".{name}.*.tmp*"):
                 tmp.unlink(missing_ok=True)
                 n += 1
@@ -159,35 +168,84 @@ def _warning_text(w: warnings.WarningMessage) -> str:
 
 
 def _predict_case(predictor: Predictor, case: InputCase, out: Path, package: ModelPackage,
-                  model: dict[str, Any]) -> tuple[Prediction, dict[str, Any]]:
+                  model: dict[str, Any], probabilities: bool = False) -> tuple[Prediction, dict[str, Any]]:
     """Read, predict and write one case's outputs; returns the prediction and the record fields."""
     if case.series is not None:
         image = load_series_image(case.series)
-        pred = predictor.predict(image, name=str(case.series.folder))
+        pred = predictor.predict(image, name=str(case.series.folder), with_probabilities=probabilities)
+        _save_probabilities(pred, out / f"{case.id}{PROBS_SUFFIX}")
         save_label_like(pred.labels, pred.reference, out / f"{case.id}{MASK_SUFFIX}")
         write_series_seg(pred.labels, case.series, package.labels, out / f"{case.id}{SEG_SUFFIX}",
                          model["name"], model["version"])
         return pred, {"input_sha256": series_sha256(case.series), "n_slices": case.series.n_slices,
                       "modality": case.series.modality}
-    pred = predictor.predict(list(case.images))
+    pred = predictor.predict(list(case.images), with_probabilities=probabilities)
+    _save_probabilities(pred, out / f"{case.id}{PROBS_SUFFIX}")
     save_label_like(pred.labels, pred.reference, out / f"{case.id}{MASK_SUFFIX}")
     return pred, {"input_sha256": sha256_file(case.images[0])}
 
 
+def _save_probabilities(pred: Prediction, path: Path) -> None:
+    if pred.probabilities is not None:
+        save_probabilities_like(pred.probabilities, pred.reference, path)
+        pred.probabilities = None  # free it before the next case
+
+
+def check_probabilities_option(package: ModelPackage, cases: list[InputCase]) -> None:
+    """``ValueError`` if probabilities cannot be saved for this batch (memory-bounded mode, or a file name clash)."""
+    if package.config.inference.memory_bounded:
+        raise ValueError("saving probabilities is not supported with inference.memory_bounded=true "
+                         "(that mode inverts only the label map); drop one of the two")
+    ids = {c.id for c in cases}
+    stem = PROBS_SUFFIX.removesuffix(MASK_SUFFIX)  # "_probs"
+    clash = sorted(i for i in ids if f"{i}{stem}" in ids)
+    if clash:
+        raise ValueError(f"case {clash[0]!r}: its probabilities file would overwrite the mask of case {clash[0] + stem!r}")
+
+
 def run_batch(package: ModelPackage, cases: list[InputCase], out_dir: str | Path, device: str = "auto",
               resume: bool = False, progress: bool = True, model_ref: str | None = None,
-              predictor: Predictor | None = None, local_rank: int | None = None) -> BatchReport:
+              predictor: Predictor | None = None, local_rank: int | None = None, save_probabilities: bool = False,
+              mlflow_experiment: str | None = None, tracking_uri: str | None = None,
+              shard: tuple[int, int] | None = None) -> BatchReport:
     """Segment every case; failures are recorded per case and the batch goes on.
 
     ``predictor`` replaces the one built from ``package`` (tests pass a fixed reference network).
+    ``save_probabilities`` also writes ``<id>_probs.nii.gz`` (``ValueError`` in memory-bounded mode).
+    ``mlflow_experiment`` logs one run for this call (``shard`` is recorded with it) to ``tracking_uri``
+    (default: ``mlflow.db`` in the working folder); see ``batch_tracking`` for what is and is not logged.
     """
-    out = Path(out_dir)
+    t_start = time.perf_counter()
+    if save_probabilities:
+        check_probabilities_option(package, cases)
+    tracking = None
+    if mlflow_experiment:  # open the run first: an unreachable server should fail before a night of work
+        from medseg.inference.batch_tracking import BatchTracking
+
+        tracking = BatchTracking.start(mlflow_experiment, tracking_uri, package, model_ref, device, shard, save_probabilities)
+    try:
+        report = _run(package, cases, Path(out_dir), device, resume, progress, model_ref, predictor, local_rank,
+                      save_probabilities)
+    except BaseException:
+        if tracking is not None:
+            tracking.end("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
+        raise
+    report.seconds = time.perf_counter() - t_start
+    if tracking is not None:
+        tracking.finish(report)
+        report.mlflow_run_id = tracking.run_id
+    return report
+
+
+def _run(package: ModelPackage, cases: list[InputCase], out: Path, device: str, resume: bool, progress: bool,
+         model_ref: str | None, predictor: Predictor | None, local_rank: int | None,
+         save_probabilities: bool) -> BatchReport:
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out, cases)
     report = BatchReport()
     todo: list[InputCase] = []
     for c in cases:
-        if resume and is_complete(out, c.id, outputs_of(c)):
+        if resume and is_complete(out, c.id, outputs_of(c, save_probabilities)):
             report.skipped.append(c.id)
         else:
             todo.append(c)
@@ -206,10 +264,11 @@ def run_batch(package: ModelPackage, cases: list[InputCase], out_dir: str | Path
             with PeakMemory() as peak, warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    pred, extra = _predict_case(predictor, case, out, package, model)  # type: ignore[arg-type]
+                    pred, extra = _predict_case(predictor, case, out, package, model,  # type: ignore[arg-type]
+                                                save_probabilities)
                     organs = organ_volumes(pred.labels, pred.reference, package.labels)
                     record.update(status="ok", seconds=round(pred.seconds, 3), shape=list(pred.labels.shape),
-                                  organs=organs, outputs=outputs_of(case), **extra)
+                                  organs=organs, outputs=outputs_of(case, save_probabilities), **extra)
                     report.done.append(case.id)
                 except MedsegError as e:
                     record.update(status="failed", error=str(e))
@@ -224,6 +283,8 @@ def run_batch(package: ModelPackage, cases: list[InputCase], out_dir: str | Path
             record.update(runtime_s=round(time.perf_counter() - t0, 3), peak_rss_mb=peak.peak_mb,
                           peak_rss_scope=peak.scope, warnings=notes)
             write_json_atomic(out / f"{case.id}{RECORD_SUFFIX}", record)
+            report.case_seconds.append(record["runtime_s"])
+            report.peak_rss_mb = max(report.peak_rss_mb, peak.peak_mb)
             bar.advance(task)
     report.summary = write_summary(out, package.labels)
     return report

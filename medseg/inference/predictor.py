@@ -9,7 +9,11 @@ Inputs are NIfTI files or an in-memory ``nib.Nifti1Image`` (e.g. a DICOM series 
 ``sitk_to_nifti``), so DICOM needs no temporary file. ``inference.memory_bounded`` trades a little
 accuracy at label boundaries (the label map, not the probabilities, is inverted, with nearest
 interpolation) for memory: the raw scan is cropped to the body before any float copy, and windows are
-stitched on the CPU in float16.
+stitched on the CPU in float16. It never holds the inverted probabilities, so it cannot save them.
+
+Optional probabilities (``predict(..., with_probabilities=True)``) are the inverted softmax before
+post-processing, quantised to uint8 steps of 1/255 (``quantize_probabilities``) and written by
+``save_probabilities_like`` as a 4D NIfTI (classes on the last axis) with the input's geometry.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from medseg.errors import InputError
 from medseg.inference.model_package import ModelPackage
 from medseg.inference.postprocess import postprocess
 from medseg.inference.sliding import predictor_for
+from medseg.io.atomic import atomic_path
 from medseg.io.nifti import load_nifti, read_array, voxel_spacing
 
 ARGMAX_SLAB = 16  # slices per argmax step in memory-bounded mode (int64 argmax output stays small)
@@ -43,6 +48,7 @@ class Prediction:
     labels: np.ndarray
     reference: nib.Nifti1Image
     seconds: float
+    probabilities: np.ndarray | None = None  # uint8 (*input shape, C), value/255 = probability (before post-processing)
 
 
 class Predictor:
@@ -144,21 +150,29 @@ class Predictor:
         data, reference = self._from_files(image_paths)
         return self._probabilities(data, image_paths[0]), reference
 
-    def _segment(self, source: nib.Nifti1Image | list[Path], name: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    def _segment(self, source: nib.Nifti1Image | list[Path], name: str | Path,
+                 with_probabilities: bool = False) -> tuple[np.ndarray, nib.Nifti1Image, np.ndarray | None]:
         bounded = self.cfg.inference.memory_bounded
-        if isinstance(source, list) and not (bounded and len(source) == 1):
-            data, reference = self._from_files(source)
-            return self._argmax(self._probabilities(data, name)), reference
-        reference = load_nifti(source[0]) if isinstance(source, list) else source
+        if bounded and with_probabilities:
+            raise ValueError("probabilities cannot be saved in memory-bounded mode (it inverts only the label map)")
         if not bounded:
-            return self._argmax(self._probabilities(self._from_image(reference, str(name)), name)), reference
+            if isinstance(source, list):
+                data, reference = self._from_files(source)
+            else:
+                data, reference = self._from_image(source, str(name)), source
+            probs = self._probabilities(data, name)
+            return self._argmax(probs), reference, quantize_probabilities(probs) if with_probabilities else None
+        if isinstance(source, list) and len(source) > 1:
+            data, reference = self._from_files(source)
+            return self._argmax(self._probabilities(data, name)), reference, None
+        reference = load_nifti(source[0]) if isinstance(source, list) else source
         self._check_channels(reference, 1, name)
         box = self._body_box(read_array(reference, name))
         labels = np.zeros(reference.shape[:3], dtype=np.uint8)
         if box is not None:  # no body at all: an empty mask
             cropped = reference.slicer[box]  # nibabel moves the affine with the crop: geometry is kept
             labels[box] = self._labels_bounded(self._from_image(cropped, str(name)), name)
-        return labels, reference
+        return labels, reference, None
 
     def _body_box(self, array: np.ndarray) -> tuple[slice, ...] | None:
         """Bounding box of the body on the raw array (before any float copy), with the pipeline's margin."""
@@ -176,18 +190,20 @@ class Predictor:
     def _argmax(self, probs: torch.Tensor) -> np.ndarray:
         return probs.argmax(0).numpy().astype(np.uint8 if self.package.num_classes < 256 else np.uint16)
 
-    def predict(self, source: list[Path] | nib.Nifti1Image, name: str | None = None) -> Prediction:
+    def predict(self, source: list[Path] | nib.Nifti1Image, name: str | None = None,
+                with_probabilities: bool = False) -> Prediction:
         """Label map (argmax, then the configured post-processing) in the input's voxel grid.
 
         ``source`` is a list of NIfTI files (one per channel) or an in-memory image; ``name`` names it in errors.
+        ``with_probabilities`` also returns the quantised class probabilities (``ValueError`` in memory-bounded mode).
         """
         t0 = time.perf_counter()
         name = name or (str(source[0]) if isinstance(source, list) else "image")
-        labels, reference = self._segment(source, name)
+        labels, reference, probs = self._segment(source, name, with_probabilities)
         check_overlay(labels, reference, name)
         voxel_ml = float(np.prod(voxel_spacing(reference.affine))) / 1000.0
         labels = postprocess(labels, self.cfg.inference, voxel_ml, self.package.labels.values())
-        return Prediction(labels, reference, time.perf_counter() - t0)
+        return Prediction(labels, reference, time.perf_counter() - t0, probs)
 
 
 def _cast_io(fn):  # noqa: ANN001, ANN202 - a sliding-window predictor
@@ -195,6 +211,66 @@ def _cast_io(fn):  # noqa: ANN001, ANN202 - a sliding-window predictor
     def run(x: torch.Tensor) -> torch.Tensor:
         return fn(x.float()).half()
     return run
+
+
+def quantize_probabilities(probs: torch.Tensor) -> np.ndarray:
+    """Probabilities (C, *shape) as uint8 (*shape, C) in steps of 1/255 that sum to exactly 255 per voxel.
+
+    Probabilities are first renormalised to sum to 1 (see below). Largest-remainder rounding: every class is rounded down and the missing steps go to the classes with the
+    largest remainders, so each class is within 1/255 of its probability. Where that would let another class
+    tie with or beat the most probable one (classes within 1/255 of each other), each tying class gives a step
+    to the most probable one, so the saved argmax is the mask's argmax (ties resolve to the lower class, as
+    ``argmax`` does); only at such near-ties is the most probable class off by more than 1/255 (one step per
+    tying class). uint8 is a quarter of float32 and half of float16, compresses well, and 1/255 is finer than
+    any threshold one would draw on a softmax output. Hand-written: no kept library quantises this way.
+    """
+    # Outside the foreground crop Invertd pads with zeros, and at the crop's edge interpolation mixes them in:
+    # renormalise (the argmax is unchanged), and a voxel with no probability at all is background (class 0).
+    x = probs.float().clamp(0.0, 1.0)
+    total = x.sum(0, keepdim=True)
+    empty = total <= 1e-6
+    x.div_(total.clamp(min=1e-12)).masked_fill_(empty.expand_as(x), 0.0)
+    x[0].masked_fill_(empty[0], 1.0)
+    del total, empty
+    x *= 255.0
+    q = torch.floor(x)
+    x -= q  # the remainders
+    missing = (255.0 - q.sum(0, keepdim=True)).round().clamp(0, x.shape[0])
+    for _ in range(x.shape[0] - 1):  # at most C-1 steps are missing per voxel; each goes to the largest remainder
+        take = x.argmax(0, keepdim=True)
+        give = (missing > 0).float()
+        q.scatter_add_(0, take, give)
+        x.scatter_(0, take, -1.0)
+        missing -= give
+    del x
+    top = probs.argmax(0, keepdim=True)
+    q_top = q.gather(0, top)
+    index = torch.arange(q.shape[0]).view(-1, *([1] * (q.ndim - 1)))
+    beats = (index != top) & ((q > q_top) | ((q == q_top) & (index < top)) & (q > 0))
+    q -= beats.float()
+    q.scatter_add_(0, top, beats.sum(0, keepdim=True).float())
+    return np.moveaxis(q.to(torch.uint8).numpy(), 0, -1)
+
+
+def save_probabilities_like(probs: np.ndarray, reference: nib.Nifti1Image, out_path: str | Path) -> Path:
+    """Write uint8 probabilities (*shape, C) as a 4D NIfTI with the input's geometry and ``scl_slope`` 1/255, atomically.
+
+    nibabel applies the slope on reading, so ``get_fdata()`` returns probabilities in [0, 1].
+    """
+    if probs.shape[:3] != reference.shape[:3] or probs.dtype != np.uint8:
+        raise ValueError(f"probabilities {probs.shape} {probs.dtype} do not fit reference shape {reference.shape[:3]}")
+    header = reference.header.copy()
+    header.set_data_dtype(np.uint8)
+    out = nib.Nifti1Image(probs, reference.affine, header)
+    out.header.set_slope_inter(1.0 / 255.0, 0.0)
+    out.header.set_intent("vector", (), name="class probabilities")
+    qform, qcode = reference.get_qform(coded=True)
+    sform, scode = reference.get_sform(coded=True)
+    out.set_qform(qform if qform is not None else reference.affine, int(qcode) if qcode else 1)
+    out.set_sform(sform if sform is not None else reference.affine, int(scode) if scode else 1)
+    with atomic_path(out_path, suffix=".nii.gz") as tmp:
+        nib.save(out, str(tmp))
+    return Path(out_path)
 
 
 def check_overlay(labels: np.ndarray, reference: nib.Nifti1Image, path: Path | str) -> None:
