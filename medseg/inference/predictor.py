@@ -35,8 +35,7 @@ from medseg.errors import InputError
 from medseg.inference.model_package import ModelPackage
 from medseg.inference.postprocess import postprocess
 from medseg.inference.sliding import predictor_for
-from medseg.io.atomic import atomic_path
-from medseg.io.nifti import load_nifti, read_array, voxel_spacing
+from medseg.io.nifti import load_nifti, read_array, save_like, voxel_spacing
 
 ARGMAX_SLAB = 16  # slices per argmax step in memory-bounded mode (int64 argmax output stays small)
 
@@ -259,18 +258,7 @@ def save_probabilities_like(probs: np.ndarray, reference: nib.Nifti1Image, out_p
     """
     if probs.shape[:3] != reference.shape[:3] or probs.dtype != np.uint8:
         raise ValueError(f"probabilities {probs.shape} {probs.dtype} do not fit reference shape {reference.shape[:3]}")
-    header = reference.header.copy()
-    header.set_data_dtype(np.uint8)
-    out = nib.Nifti1Image(probs, reference.affine, header)
-    out.header.set_slope_inter(1.0 / 255.0, 0.0)
-    out.header.set_intent("vector", (), name="class probabilities")
-    qform, qcode = reference.get_qform(coded=True)
-    sform, scode = reference.get_sform(coded=True)
-    out.set_qform(qform if qform is not None else reference.affine, int(qcode) if qcode else 1)
-    out.set_sform(sform if sform is not None else reference.affine, int(scode) if scode else 1)
-    with atomic_path(out_path, suffix=".nii.gz") as tmp:
-        nib.save(out, str(tmp))
-    return Path(out_path)
+    return save_like(probs, reference, out_path, slope=1.0 / 255.0, intent=("vector", (), "class probabilities"))
 
 
 def check_overlay(labels: np.ndarray, reference: nib.Nifti1Image, path: Path | str) -> None:

@@ -40,19 +40,19 @@ def voxel_spacing(affine: np.ndarray) -> tuple[float, ...]:
     return tuple(float(x) for x in np.linalg.norm(affine[:3, :3], axis=0))
 
 
-def save_label_like(labels: np.ndarray, reference: nib.Nifti1Image, out_path: str | Path) -> Path:
-    """Write ``labels`` with exactly the reference image's affine and (q/s)form codes, atomically.
+def save_like(array: np.ndarray, reference: nib.Nifti1Image, out_path: str | Path, *, slope: float = 1.0,
+              intent: tuple[str, tuple, str] | None = None) -> Path:
+    """Write ``array`` with exactly the reference image's affine and (q/s)form codes, atomically.
 
-    The reference is the *input scan*: copying its header geometry is what makes the mask overlay it.
+    The reference is the *input scan*: copying its header geometry is what makes an output overlay it.
+    ``array`` has the reference's spatial shape, optionally with a trailing axis (e.g. classes).
     """
-    if labels.shape[:3] != reference.shape[:3]:
-        raise ValueError(f"label shape {labels.shape} != reference shape {reference.shape[:3]}")
-    max_label = int(labels.max()) if labels.size else 0
-    dtype = np.uint8 if max_label < 256 else np.uint16
     header = reference.header.copy()
-    header.set_data_dtype(dtype)
-    header.set_slope_inter(1, 0)
-    out = nib.Nifti1Image(labels.astype(dtype), reference.affine, header)
+    header.set_data_dtype(array.dtype)
+    out = nib.Nifti1Image(array, reference.affine, header)
+    out.header.set_slope_inter(slope, 0.0)
+    if intent is not None:
+        out.header.set_intent(intent[0], intent[1], name=intent[2])
     qform, qcode = reference.get_qform(coded=True)
     sform, scode = reference.get_sform(coded=True)
     out.set_qform(qform if qform is not None else reference.affine, int(qcode) if qcode else 1)
@@ -60,3 +60,11 @@ def save_label_like(labels: np.ndarray, reference: nib.Nifti1Image, out_path: st
     with atomic_path(out_path, suffix=".nii.gz") as tmp:
         nib.save(out, str(tmp))
     return Path(out_path)
+
+
+def save_label_like(labels: np.ndarray, reference: nib.Nifti1Image, out_path: str | Path) -> Path:
+    """Write a label map in the reference (input scan) geometry as uint8 (uint16 above 255 labels), atomically."""
+    if labels.shape[:3] != reference.shape[:3]:
+        raise ValueError(f"label shape {labels.shape} != reference shape {reference.shape[:3]}")
+    max_label = int(labels.max()) if labels.size else 0
+    return save_like(labels.astype(np.uint8 if max_label < 256 else np.uint16), reference, out_path)
