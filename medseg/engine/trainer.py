@@ -261,8 +261,8 @@ class Trainer:
         if resumed_id is None:
             self.tracker.log_params(self.cfg.flat())
             self.tracker.set_tags({
-                "mlflow.source.git.commit": git_commit(), "git_commit": git_commit(),
-                "dataset_name": self.manifest.name, "dataset_fingerprint": self.manifest.fingerprint(),
+                "mlflow.source.git.commit": self.commit, "git_commit": self.commit,
+                "dataset_name": self.manifest.name, "dataset_fingerprint": self.fingerprint,
                 "torch_version": torch.__version__, "monai_version": __import__("monai").__version__,
                 "cuda_version": torch.version.cuda or "none", "cudnn_version": str(torch.backends.cudnn.version() or "none"),
                 "device": self._device_name(), "device_type": self.device.type,
@@ -302,6 +302,9 @@ class Trainer:
                 write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
                 self.manifest_copy()
         self._datasets()
+        # Provenance is fixed for the run: computed once here (a git subprocess, a stat of every data file, the
+        # plans file), not again at every tag write and every new best epoch.
+        self.commit, self.fingerprint, self.plans = git_commit(), self.manifest.fingerprint(), self._plans()
         self._model()
         self.best_metric, self.best_epoch, self.bad_rounds, self.elapsed_before = -math.inf, -1, 0, 0.0
         self.history: list[dict[str, float]] = []
@@ -409,8 +412,8 @@ class Trainer:
         if not dist_utils.is_main():
             return
         extra = {"run_id": self.tracker.run_id, "epoch": epoch, "val_metrics": val.summary,
-                 "dataset_fingerprint": self.manifest.fingerprint(), "git_commit": git_commit()}
-        save_package(self.run_dir / "model", self.model, self.cfg, self.manifest, extra, plans=self._plans())
+                 "dataset_fingerprint": self.fingerprint, "git_commit": self.commit}
+        save_package(self.run_dir / "model", self.model, self.cfg, self.manifest, extra, plans=self.plans)
         write_rows_csv(self.run_dir / "val_cases_best.csv", val.rows)
         from medseg.engine.plots import overlay
 

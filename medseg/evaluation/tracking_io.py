@@ -112,9 +112,10 @@ class EvaluationLogger:
             tracker.run_id = self.attach_to  # not tracker.start(run_id=...), which would mark the run RUNNING
         else:
             tracker.start(run_name="evaluation")
+            commit = git_commit()
             tracker.set_tags({"dataset_name": doc.get("dataset_name", ""),
                               "dataset_fingerprint": doc.get("dataset_fingerprint", ""),
-                              "git_commit": git_commit(), "mlflow.source.git.commit": git_commit()})
+                              "git_commit": commit, "mlflow.source.git.commit": commit})
         status = "FAILED"
         try:
             tracker.set_tags(evaluation_tags(doc))
