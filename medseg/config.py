@@ -136,8 +136,11 @@ class InferenceConfig(_Strict):
     min_component_voxels: int = Field(default=0, ge=0, description="remove components with fewer voxels (0: off)")
     min_component_ml: float = Field(default=0.0, ge=0.0, description="remove components smaller than this volume in ml (0: off)")
     fill_holes: bool = Field(default=False, description="fill enclosed holes in each organ")
-    memory_bounded: bool = Field(default=False, description="large scans: crop to the body on the raw array, stitch windows "
-                                                            "on the CPU in float16, invert the label map instead of probabilities")
+    memory_bounded: bool = Field(default=False, description="large scans: crop to the body on the raw array, keep it in its "
+                                 "own dtype, normalise window by window, stream the blending slab by slab on the CPU and "
+                                 "invert the label map instead of probabilities")
+    channels_last: bool = Field(default=True, description="run the network on channels-last tensors (faster convolutions "
+                                                          "with oneDNN/cuDNN; outputs equal to ~1e-5)")
 
 
 class TrackingConfig(_Strict):

@@ -268,7 +268,7 @@ def _run(package: ModelPackage, cases: list[InputCase], out: Path, device: str, 
                                                 save_probabilities)
                     organs = organ_volumes(pred.labels, pred.reference, package.labels)
                     record.update(status="ok", seconds=round(pred.seconds, 3), shape=list(pred.labels.shape),
-                                  organs=organs, outputs=outputs_of(case, save_probabilities), **extra)
+                                  organs=organs, windows=pred.windows, outputs=outputs_of(case, save_probabilities), **extra)
                     report.done.append(case.id)
                 except MedsegError as e:
                     record.update(status="failed", error=str(e))

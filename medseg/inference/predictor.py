@@ -1,15 +1,21 @@
 """Predict label maps in the input scan's own geometry.
 
-The scan goes through the model's own (invertible) preprocessing, is segmented with MONAI sliding-window
-inference, and the class probabilities are taken back through ``Invertd`` (undoing the foreground crop,
-the resampling and the reorientation) before the argmax. The mask is then written with the input file's
-own affine and header, so it overlays the scan voxel for voxel; ``check_overlay`` asserts that.
+The scan goes through the model's own preprocessing (``preparation``: the spatial steps stay invertible),
+is segmented with MONAI sliding-window inference, and the class probabilities are taken back through
+``Invertd`` (undoing the resampling and the reorientation) before the argmax. The mask is then written with
+the input file's own affine and header, so it overlays the scan voxel for voxel; ``check_overlay`` asserts that.
+
+Speed without changing the answer: the sliding window runs on a crop whose edges lie on the whole volume's
+window grid, and windows holding no body voxel are answered with background instead of the network
+(``window_grid``), so every body voxel gets exactly what a whole-volume ``sliding_window_inference`` call
+would give; the network runs channels-last under ``torch.inference_mode``.
 
 Inputs are NIfTI files or an in-memory ``nib.Nifti1Image`` (e.g. a DICOM series converted with
-``sitk_to_nifti``), so DICOM needs no temporary file. ``inference.memory_bounded`` trades a little
-accuracy at label boundaries (the label map, not the probabilities, is inverted, with nearest
-interpolation) for memory: the raw scan is cropped to the body before any float copy, and windows are
-stitched on the CPU in float16. It never holds the inverted probabilities, so it cannot save them.
+``sitk_to_nifti``), so DICOM needs no temporary file. ``inference.memory_bounded`` is for scans whose
+class probabilities do not fit: the raw scan is cropped to the body in its own dtype (no float copy),
+windows are normalised one by one, blended slab by slab (``streaming``) and reduced to a uint8 label map
+as they finish; that label map (not the probabilities) is inverted, with nearest interpolation, so it
+cannot save probabilities, and resampled label boundaries may move by up to a voxel.
 
 Optional probabilities (``predict(..., with_probabilities=True)``) are the inverted softmax before
 post-processing, quantised to uint8 steps of 1/255 (``quantize_probabilities``) and written by
@@ -19,7 +25,7 @@ post-processing, quantised to uint8 steps of 1/255 (``quantize_probabilities``) 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -29,15 +35,18 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import Compose, Invertd
 
-from medseg.data.transforms import ForegroundAbove, eval_transforms
 from medseg.engine.device import resolve_device, resolve_precision
 from medseg.errors import InputError
 from medseg.inference.model_package import ModelPackage
 from medseg.inference.postprocess import postprocess
-from medseg.inference.sliding import predictor_for
+from medseg.inference.preparation import (IntensityNormaliser, body_mask, expand_box, foreground_box, raw_body_box,
+                                          raw_window_box, spatial_transforms)
+from medseg.inference.sliding import WindowPredictor, model_channels_last, predictor_for
+from medseg.inference.streaming import streaming_sliding_window
+from medseg.inference.window_grid import BodyWindows, aligned_box, body_extent
 from medseg.io.nifti import load_nifti, read_array, save_like, voxel_spacing
 
-ARGMAX_SLAB = 16  # slices per argmax step in memory-bounded mode (int64 argmax output stays small)
+FINITE_SLAB = 32  # slices per step when a raw float scan is checked for NaN/inf without a full-size mask
 
 
 @dataclass
@@ -48,6 +57,7 @@ class Prediction:
     reference: nib.Nifti1Image
     seconds: float
     probabilities: np.ndarray | None = None  # uint8 (*input shape, C), value/255 = probability (before post-processing)
+    windows: dict[str, int] = field(default_factory=dict)  # sliding windows run / skipped as body-free
 
 
 class Predictor:
@@ -61,12 +71,20 @@ class Predictor:
         self.device = resolve_device(device, local_rank)
         self.precision = resolve_precision(self.cfg.train.amp, self.device)
         self.model = model.to(self.device).eval() if model is not None else package.build(self.device)
-        self.pre = eval_transforms(self.cfg, with_label=False)
-        self.pre_in_memory = Compose(self.pre.transforms[1:])  # everything after LoadImaged
-        self.invert = Invertd(keys="pred", transform=self.pre, orig_keys="image", nearest_interp=False, to_tensor=True)
-        self.invert_labels = Invertd(keys="pred", transform=self.pre, orig_keys="image", nearest_interp=True, to_tensor=True)
-        self.window = self.cfg.roi_size if self.cfg.model.spatial_dims == 3 else (*self.cfg.roi_size, 1)
-        self.predict_fn = predictor_for(self.model, self.cfg.model.spatial_dims)
+        inf, dims = self.cfg.inference, self.cfg.model.spatial_dims
+        if inf.channels_last:
+            model_channels_last(self.model, dims)
+        self.num_classes = int(package.num_classes)
+        self.spatial = spatial_transforms(self.cfg.data)
+        self.spatial_in_memory = Compose(self.spatial.transforms[1:])  # everything after LoadImaged
+        self.spatial_raw = spatial_transforms(self.cfg.data, keep_dtype=True)  # memory-bounded: no float copy
+        self.spatial_raw_in_memory = Compose(self.spatial_raw.transforms[1:])
+        self.invert = Invertd(keys="pred", transform=self.spatial, orig_keys="image", nearest_interp=False, to_tensor=True)
+        self.invert_labels = Invertd(keys="pred", transform=self.spatial_raw, orig_keys="image", nearest_interp=True, to_tensor=True)
+        self.window = tuple(self.cfg.roi_size) if dims == 3 else (*self.cfg.roi_size, 1)
+        self.predict_fn = predictor_for(self.model, dims, layout_channels_last=inf.channels_last)
+        self.mirror_axes = (list(inf.tta_axes) if inf.tta_axes is not None else list(range(3))) if inf.tta_mirror else []
+        self.last_windows: dict[str, int] = {}
 
     # ---- loading ---------------------------------------------------------------------------------
     def _check_channels(self, reference: nib.Nifti1Image, n_files: int, path: Path | str) -> None:
@@ -80,69 +98,119 @@ class Predictor:
     def _from_files(self, image_paths: list[Path]) -> tuple[dict, nib.Nifti1Image]:
         reference = load_nifti(image_paths[0])
         self._check_channels(reference, len(image_paths), image_paths[0])
-        data = self.pre({"image": [str(p) for p in image_paths] if len(image_paths) > 1 else str(image_paths[0])})
+        data = self.spatial({"image": [str(p) for p in image_paths] if len(image_paths) > 1 else str(image_paths[0])})
         return data, reference
 
-    def _from_image(self, image: nib.Nifti1Image, name: str) -> dict:
-        """Preprocess an in-memory image exactly as ``LoadImaged`` + the rest of the pipeline would a file."""
+    def _from_image(self, image: nib.Nifti1Image, name: str, raw: bool = False) -> dict:
+        """Preprocess an in-memory image exactly as ``LoadImaged`` + the spatial steps would a file.
+
+        ``raw`` keeps the voxel dtype (memory-bounded mode); otherwise the image becomes float32 as from a file.
+        """
         self._check_channels(image, 1, name)
         array = read_array(image, name)
         array = array[None] if array.ndim == 3 else np.moveaxis(array, -1, 0)  # channel first
         affine = torch.as_tensor(image.affine, dtype=torch.float64)
-        tensor = MetaTensor(torch.from_numpy(np.ascontiguousarray(array)), affine=affine,
+        voxels = torch.from_numpy(array if raw and all(st > 0 for st in array.strides) else np.ascontiguousarray(array))
+        tensor = MetaTensor(voxels, affine=affine,
                             meta={"original_affine": image.affine.copy(), "spatial_shape": np.array(image.shape[:3]),
                                   "filename_or_obj": name, "original_channel_dim": 0 if array.ndim == 4 else "no_channel"})
-        return self.pre_in_memory({"image": tensor})
+        return (self.spatial_raw_in_memory if raw else self.spatial_in_memory)({"image": tensor})
 
     # ---- inference -------------------------------------------------------------------------------
-    def _logits(self, image: MetaTensor, stitch_device: torch.device | None = None, half: bool = False) -> torch.Tensor:
-        """Sliding-window logits (1, C, *preprocessed shape), mirrored TTA averaged in when configured."""
-        inf = self.cfg.inference
-        x = image.as_tensor().unsqueeze(0)
-        fn = self.predict_fn
-        if half:  # stitch in float16 (MONAI stitches in the input's dtype); the network still runs in float32
-            x = x.half()
-            fn = _cast_io(self.predict_fn)
-        kw = dict(overlap=inf.overlap, mode=inf.blend_mode, sw_device=self.device, device=stitch_device or self.device)
-        with self.precision.autocast(self.device):
-            logits = sliding_window_inference(x, self.window, inf.sw_batch_size, fn, **kw)
-            if inf.tta_mirror:  # average over mirrored copies (flips are their own inverse)
-                axes = inf.tta_axes if inf.tta_axes is not None else range(logits.ndim - 2)
-                dims = [2 + a for a in axes]
-                for d in dims:
-                    logits += torch.flip(sliding_window_inference(torch.flip(x, [d]), self.window, inf.sw_batch_size, fn, **kw), [d])
-                logits /= len(dims) + 1
-        return logits
+    def _window_predictor(self, **kw: object) -> WindowPredictor:
+        return WindowPredictor(self.predict_fn, self.num_classes, mirror_axes=self.mirror_axes, **kw)  # type: ignore[arg-type]
 
-    def _check_finite(self, image: MetaTensor, name: Path | str) -> None:
-        if not torch.isfinite(image.as_tensor()).all():
-            raise InputError(name, "image contains NaN/inf voxels")
+    def _check_finite(self, image: torch.Tensor | np.ndarray, name: Path | str) -> None:
+        if not np.issubdtype(np.asarray(image[..., :0]).dtype, np.floating):
+            return
+        for z in range(0, image.shape[-1], FINITE_SLAB):  # slab by slab: no full-size boolean mask
+            if not np.isfinite(np.asarray(image[..., z:z + FINITE_SLAB])).all():
+                raise InputError(name, "image contains NaN/inf voxels")
+
+    def _probabilities_preprocessed(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax (C, *spatial) on the preprocessed grid; ``x`` (float32, channel first) is normalised in place."""
+        inf = self.cfg.inference
+        size = tuple(x.shape[1:])
+        body = body_mask(x, self.cfg.data)
+        extent = body_extent(body) if body is not None else [(0, n) for n in size]
+        probs = torch.zeros((self.num_classes, *size), dtype=torch.float32)
+        probs[0] = 1.0
+        if extent is None:  # no body at all: background everywhere, nothing to run
+            self.last_windows = {"run": 0, "skipped": 0}
+            return probs
+        box = aligned_box(size, self.window, inf.overlap, extent)
+        normalise = IntensityNormaliser(self.cfg, x, foreground_box(x, self.cfg.data))
+        crop = normalise(x[(slice(None), *box)])
+        wp = self._window_predictor(body=BodyWindows(body[box], self.window) if body is not None else None)
+        with self.precision.autocast(self.device):
+            logits = sliding_window_inference(crop[None], self.window, inf.sw_batch_size, wp, overlap=inf.overlap,
+                                              mode=inf.blend_mode, sw_device=self.device, device=self.device, with_coord=True)
+        probs[(slice(None), *box)] = torch.softmax(logits.float(), dim=1)[0].cpu()
+        self.last_windows = {"run": wp.windows_run, "skipped": wp.windows_skipped}
+        return probs
 
     @torch.inference_mode()
     def _probabilities(self, data: dict, name: Path | str) -> torch.Tensor:
         image: MetaTensor = data["image"]
-        self._check_finite(image, name)
-        probs = torch.softmax(self._logits(image).float(), dim=1)[0].cpu()
+        self._check_finite(image.as_tensor(), name)
+        probs = self._probabilities_preprocessed(image.as_tensor())
         data["pred"] = MetaTensor(probs, meta=image.meta, applied_operations=image.applied_operations)
         restored = self.invert(data)["pred"]
         return restored.as_tensor() if isinstance(restored, MetaTensor) else torch.as_tensor(restored)
 
     @torch.inference_mode()
-    def _labels_bounded(self, data: dict, name: Path | str) -> np.ndarray:
-        """Argmax in the preprocessed grid, slab by slab, then the uint8 label map is inverted (nearest)."""
-        image: MetaTensor = data["image"]
-        self._check_finite(image, name)
-        logits = self._logits(image, stitch_device=torch.device("cpu"), half=True)[0]
-        data["image"] = MetaTensor(torch.empty(0), meta=image.meta, applied_operations=image.applied_operations)
-        del image  # the preprocessed float image is no longer needed
-        labels = torch.empty(logits.shape[1:], dtype=torch.uint8)
-        for z in range(0, labels.shape[-1], ARGMAX_SLAB):
-            labels[..., z:z + ARGMAX_SLAB] = logits[..., z:z + ARGMAX_SLAB].argmax(0).to(torch.uint8)
-        del logits
-        data["pred"] = MetaTensor(labels[None], meta=data["image"].meta, applied_operations=data["image"].applied_operations)
+    def _labels_bounded(self, image: nib.Nifti1Image, name: Path | str) -> np.ndarray:
+        """Memory-bounded label map: raw crop in its own dtype, per-window normalisation, streamed blending."""
+        inf, data_cfg = self.cfg.inference, self.cfg.data
+        raw = read_array(image, name)
+        self._check_finite(raw, name)
+        labels = np.zeros(image.shape[:3], dtype=np.uint8)
+        shape = raw.shape[:3]
+        whole = tuple(slice(0, n) for n in shape)
+        body = raw_body_box(raw, data_cfg) if data_cfg.crop_foreground else whole
+        if body is None:  # no body at all: an empty mask
+            self.last_windows = {"run": 0, "skipped": 0}
+            return labels
+        # Without resampling, the crop keeps the whole scan's window grid (same answer as the standard path);
+        # a resampled crop has its own sampling grid anyway, so it is just the training crop (margin 2).
+        stats_box = expand_box(body, shape, 2) if data_cfg.crop_foreground else whole
+        box = raw_window_box(body, shape, image.affine, data_cfg, self.window, inf.overlap) if data_cfg.spacing is None else stats_box
+        normalise = IntensityNormaliser(self.cfg, raw[None] if raw.ndim == 3 else np.moveaxis(raw, -1, 0), stats_box)
+        threshold = None  # windows are raw: a window is body when it holds a voxel the foreground crop would keep
+        if data_cfg.crop_foreground:
+            threshold = data_cfg.foreground_threshold
+            if threshold is None:
+                threshold = float((raw if raw.ndim == 3 else raw[..., 0]).min())
+        del raw
+        if isinstance(image.dataobj, np.ndarray):  # already in memory: the crop is a view, not a copy
+            affine = image.affine.copy()
+            affine[:3, 3] = image.affine[:3, :3] @ np.array([b.start for b in box]) + image.affine[:3, 3]
+            crop = nib.Nifti1Image(image.dataobj[box], affine, image.header)
+        else:  # on disk: read only the crop (the whole array read above is freed); nibabel moves the affine
+            crop = image.slicer[box]
+        data = self._from_image(crop, str(name), raw=True)
+        x: MetaTensor = data["image"]
+        xt = x.as_tensor()
+        # On the CPU the network's activations are process memory: one window per call (eval-mode networks give
+        # the same output per window either way); on a GPU they are not, and windows stay batched.
+        wp = self._window_predictor(body_above=threshold, prepare=normalise.windows,
+                                    net_batch=1 if self.device.type == "cpu" else None)
+        out = torch.zeros(xt.shape[1:], dtype=torch.uint8)
+
+        def emit(z0: int, logits: torch.Tensor) -> None:
+            out[..., z0:z0 + logits.shape[-1]] = logits.argmax(0).to(torch.uint8)
+
+        with self.precision.autocast(self.device):
+            streaming_sliding_window(xt, self.window, inf.sw_batch_size, wp, self.num_classes, emit, overlap=inf.overlap,
+                                     mode=inf.blend_mode, sw_device=self.device, acc_dtype=torch.float16)
+        self.last_windows = {"run": wp.windows_run, "skipped": wp.windows_skipped}
+        data["image"] = MetaTensor(torch.empty(0), meta=x.meta, applied_operations=x.applied_operations)
+        del x, xt  # the cropped scan is no longer needed
+        data["pred"] = MetaTensor(out[None], meta=data["image"].meta, applied_operations=data["image"].applied_operations)
         restored = self.invert_labels(data)["pred"]
         restored = restored.as_tensor() if isinstance(restored, MetaTensor) else torch.as_tensor(restored)
-        return restored[0].round().to(torch.uint8).numpy()
+        labels[box] = restored[0].round().to(torch.uint8).numpy() if restored.dtype.is_floating_point else restored[0].numpy()
+        return labels
 
     def probabilities(self, image_paths: list[Path]) -> tuple[torch.Tensor, nib.Nifti1Image]:
         """Class probabilities (C, *input_shape) in the input's voxel grid, and the input header."""
@@ -154,37 +222,16 @@ class Predictor:
         bounded = self.cfg.inference.memory_bounded
         if bounded and with_probabilities:
             raise ValueError("probabilities cannot be saved in memory-bounded mode (it inverts only the label map)")
-        if not bounded:
+        if not bounded or (isinstance(source, list) and len(source) > 1):  # multi-file channels: the standard path
             if isinstance(source, list):
                 data, reference = self._from_files(source)
             else:
                 data, reference = self._from_image(source, str(name)), source
             probs = self._probabilities(data, name)
             return self._argmax(probs), reference, quantize_probabilities(probs) if with_probabilities else None
-        if isinstance(source, list) and len(source) > 1:
-            data, reference = self._from_files(source)
-            return self._argmax(self._probabilities(data, name)), reference, None
         reference = load_nifti(source[0]) if isinstance(source, list) else source
         self._check_channels(reference, 1, name)
-        box = self._body_box(read_array(reference, name))
-        labels = np.zeros(reference.shape[:3], dtype=np.uint8)
-        if box is not None:  # no body at all: an empty mask
-            cropped = reference.slicer[box]  # nibabel moves the affine with the crop: geometry is kept
-            labels[box] = self._labels_bounded(self._from_image(cropped, str(name)), name)
-        return labels, reference, None
-
-    def _body_box(self, array: np.ndarray) -> tuple[slice, ...] | None:
-        """Bounding box of the body on the raw array (before any float copy), with the pipeline's margin."""
-        if not self.cfg.data.crop_foreground:
-            return tuple(slice(0, s) for s in array.shape[:3])
-        body = ForegroundAbove(self.cfg.data.foreground_threshold)(array if array.ndim == 3 else array[..., 0])
-        if not body.any():
-            return None
-        box = []
-        for axis in range(3):
-            hit = np.flatnonzero(body.any(axis=tuple(a for a in range(3) if a != axis)))
-            box.append(slice(max(int(hit[0]) - 2, 0), min(int(hit[-1]) + 3, array.shape[axis])))
-        return tuple(box)
+        return self._labels_bounded(reference, name), reference, None
 
     def _argmax(self, probs: torch.Tensor) -> np.ndarray:
         return probs.argmax(0).numpy().astype(np.uint8 if self.package.num_classes < 256 else np.uint16)
@@ -202,14 +249,7 @@ class Predictor:
         check_overlay(labels, reference, name)
         voxel_ml = float(np.prod(voxel_spacing(reference.affine))) / 1000.0
         labels = postprocess(labels, self.cfg.inference, voxel_ml, self.package.labels.values())
-        return Prediction(labels, reference, time.perf_counter() - t0, probs)
-
-
-def _cast_io(fn):  # noqa: ANN001, ANN202 - a sliding-window predictor
-    """Run ``fn`` in float32 on float16 windows and return float16 logits (for float16 stitching)."""
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return fn(x.float()).half()
-    return run
+        return Prediction(labels, reference, time.perf_counter() - t0, probs, dict(self.last_windows))
 
 
 def quantize_probabilities(probs: torch.Tensor) -> np.ndarray:

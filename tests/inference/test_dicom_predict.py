@@ -74,6 +74,7 @@ def test_dicom_series_mask_and_seg_overlay(package, dicom_dir: Path, tmp_path: P
     assert record["outputs"] == [f"{case.id}.nii.gz", f"{case.id}.seg.dcm"]
     assert record["organs"]["liver"]["voxels"] == int((want == 1).sum())
     assert record["peak_rss_mb"] > 0 and isinstance(record["warnings"], list)
+    assert record["windows"]["run"] > 0 and record["windows"]["skipped"] >= 0
     assert len(record["input_sha256"]) == 64
 
 

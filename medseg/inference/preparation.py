@@ -1,0 +1,146 @@
+"""The model's preprocessing, split the way inference needs it.
+
+Training runs load -> orientation -> spacing -> foreground crop -> intensity (``data.transforms``). For
+inference the same steps are kept but taken apart:
+
+- the *spatial* part (load, float, orientation, spacing) stays a MONAI ``Compose``, so ``Invertd`` takes
+  predictions back into the scan's own voxel grid;
+- the foreground crop becomes a crop on the sliding-window grid (``window_grid.aligned_box``) plus
+  body-window skipping, which is what makes the output inside the body equal to a whole-volume call;
+- intensity normalisation takes its statistics (z-score mean/std) from the same foreground box training
+  used (``CropForegroundd`` margin 2), so the network sees the values it was trained on, and can then be
+  applied to any crop, or window by window in memory-bounded mode (``IntensityNormaliser``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai import transforms as mt
+from monai.transforms.utils import generate_spatial_bounding_box
+
+from medseg.config import Config, DataConfig
+from medseg.data.transforms import ForegroundAbove, preprocessing
+from medseg.inference.window_grid import aligned_box
+
+_NOT_SPATIAL = (mt.CropForegroundd, mt.ScaleIntensityRanged, mt.NormalizeIntensityd)
+STAT_SLAB = 32  # slices per step when statistics are gathered over a raw (int16) scan without a float copy
+
+
+def spatial_transforms(data: DataConfig, keep_dtype: bool = False) -> mt.Compose:
+    """Load, orientation and spacing of the model's preprocessing (invertible); ``keep_dtype`` skips the float cast."""
+    steps = [t for t in preprocessing(data, with_label=False) if not isinstance(t, _NOT_SPATIAL)]
+    if keep_dtype:
+        steps = [t for t in steps if not isinstance(t, mt.EnsureTyped)]
+    return mt.Compose(steps)
+
+
+def body_mask(x: torch.Tensor, data: DataConfig) -> torch.Tensor | None:
+    """Body voxels (spatial bool mask of channel 0) as the foreground crop selects them; None without a crop."""
+    if not data.crop_foreground:
+        return None
+    return torch.as_tensor(ForegroundAbove(data.foreground_threshold)(x[0]))
+
+
+def foreground_box(x: torch.Tensor, data: DataConfig) -> tuple[slice, ...]:
+    """The box ``CropForegroundd`` crops in training (margin 2), or the whole image without a crop."""
+    if not data.crop_foreground:
+        return tuple(slice(0, n) for n in x.shape[1:])
+    start, end = generate_spatial_bounding_box(x, ForegroundAbove(data.foreground_threshold), margin=2, allow_smaller=True)
+    if any(e <= s for s, e in zip(start, end)):  # no foreground: training would not crop either
+        return tuple(slice(0, n) for n in x.shape[1:])
+    return tuple(slice(int(s), int(e)) for s, e in zip(start, end))
+
+
+class IntensityNormaliser:
+    """The model's intensity step with fixed statistics, applicable to any crop or window of the scan.
+
+    ``ct_window`` / ``range`` are voxel-wise (no statistics). ``zscore`` uses per-channel mean/std taken over the training
+    foreground box (over non-zero voxels with ``nonzero``), computed in float64 slab by slab so a raw int16
+    scan needs no float copy (``x``: channel-first tensor or array). Applied through MONAI's own ``NormalizeIntensity`` with those statistics.
+    """
+
+    def __init__(self, cfg: Config, x: torch.Tensor | np.ndarray, box: Sequence[slice]) -> None:
+        it = cfg.data.intensity
+        if it.mode in ("ct_window", "range"):
+            self.transform = mt.ScaleIntensityRange(a_min=it.lower, a_max=it.upper, b_min=0.0, b_max=1.0, clip=True)
+            return
+        means, stds = [], []
+        for c in range(x.shape[0]):
+            n = total = total_sq = 0.0
+            region = x[(c, *box)]
+            for z in range(0, region.shape[-1], STAT_SLAB):
+                v = np.asarray(region[..., z:z + STAT_SLAB], dtype=np.float64)
+                if it.nonzero:
+                    v = v[v != 0]
+                n += v.size
+                total += float(v.sum())
+                total_sq += float((v * v).sum())
+            mean = total / n if n else 0.0
+            means.append(mean)
+            stds.append(float(np.sqrt(max(total_sq / n - mean * mean, 0.0))) if n else 1.0)
+        self.transform = mt.NormalizeIntensity(subtrahend=means, divisor=stds, nonzero=it.nonzero, channel_wise=True)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise a channel-first image (float32 out; a float32 input is normalised in place)."""
+        return torch.as_tensor(self.transform(x.float()))
+
+    def windows(self, batch: torch.Tensor) -> torch.Tensor:
+        """Normalise a (B, C, ...) batch of raw windows."""
+        return torch.stack([self(w) for w in batch])
+
+
+def raw_body_box(array: np.ndarray, data: DataConfig, margin: int = 0) -> tuple[slice, ...] | None:
+    """Bounding box (+ ``margin``) of the body on the raw scan array, slab by slab (no full-size mask); None if empty.
+
+    The body test is the foreground crop's (``ForegroundAbove``) on channel 0 of a (X, Y, Z[, C]) array.
+    """
+    vol = array if array.ndim == 3 else array[..., 0]
+    threshold = data.foreground_threshold if data.foreground_threshold is not None else vol.min()
+    hits = [np.zeros(n, dtype=bool) for n in vol.shape]
+    for z in range(0, vol.shape[2], STAT_SLAB):
+        body = vol[:, :, z:z + STAT_SLAB] > threshold
+        hits[0] |= body.any(axis=(1, 2))
+        hits[1] |= body.any(axis=(0, 2))
+        hits[2][z:z + STAT_SLAB] = body.any(axis=(0, 1))
+    if not hits[0].any():
+        return None
+    box = []
+    for axis, hit in enumerate(hits):
+        idx = np.flatnonzero(hit)
+        box.append(slice(max(int(idx[0]) - margin, 0), min(int(idx[-1]) + 1 + margin, vol.shape[axis])))
+    return tuple(box)
+
+
+def expand_box(box: Sequence[slice], shape: Sequence[int], margin: int) -> tuple[slice, ...]:
+    """``box`` grown by ``margin`` voxels on every side, clipped to ``shape``."""
+    return tuple(slice(max(b.start - margin, 0), min(b.stop + margin, n)) for b, n in zip(box, shape))
+
+
+def raw_window_box(body: Sequence[slice], shape: Sequence[int], affine: np.ndarray, data: DataConfig,
+                   window: Sequence[int], overlap: float) -> tuple[slice, ...]:
+    """The grid-aligned crop (``window_grid.aligned_box``) of the *reoriented* scan, as a box of the raw array.
+
+    Without resampling, reorientation only permutes and flips axes, so the raw box can be cut first (in the
+    scan's own dtype) and reoriented afterwards: the result is the same voxels, on the same window grid, as the
+    reoriented whole scan cropped. Uses the orientation transform MONAI's ``Orientationd`` computes.
+    """
+    labels = (("L", "R"), ("P", "A"), ("I", "S"))
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                           nib.orientations.axcodes2ornt(data.orientation, labels=labels))
+    out_shape = [0] * 3
+    out_extent: list[tuple[int, int]] = [(0, 0)] * 3
+    for axis in range(3):
+        j, flip, n, b = int(ornt[axis, 0]), ornt[axis, 1] < 0, int(shape[axis]), body[axis]
+        out_shape[j] = n
+        out_extent[j] = (n - b.stop, n - b.start) if flip else (b.start, b.stop)
+    out_box = aligned_box(out_shape, window, overlap, out_extent)
+    raw_box = []
+    for axis in range(3):
+        j, flip, n = int(ornt[axis, 0]), ornt[axis, 1] < 0, int(shape[axis])
+        s = out_box[j]
+        raw_box.append(slice(n - s.stop, n - s.start) if flip else s)
+    return tuple(raw_box)

@@ -1,0 +1,89 @@
+"""Where MONAI's sliding windows fall, and which of them can be skipped without changing the output.
+
+``sliding_window_inference`` puts windows on a fixed grid (``_get_scan_interval`` + ``dense_patch_slices``):
+starts ``0, s, 2s, ...`` with ``s = int(roi * (1 - overlap))`` and the last window moved back to end at the
+image edge. Two facts make body-aware inference exact:
+
+1. A crop whose box starts and ends on window edges of that grid (``aligned_box``) gets *the same windows*
+   from MONAI as the whole volume does (those inside the box): the grid restarts at the box start with the
+   same interval, and a box ending at the image edge keeps the clamped last window.
+2. A voxel is blended only from windows that contain it, so windows holding no body voxel
+   (``BodyWindows.skips``) contribute nothing to any body voxel: skipping them leaves every body voxel's
+   output bit-for-bit what the plain whole-volume call gives (same network, ROI, overlap and blending).
+
+The grid arithmetic is MONAI's own (``dense_patch_slices``); only the crop alignment is written here,
+because MONAI has no notion of a crop that keeps a larger image's window grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.data.utils import dense_patch_slices
+from monai.inferers.utils import _get_scan_interval
+
+
+def grid_starts(size: Sequence[int], roi: Sequence[int], overlap: float) -> list[list[int]]:
+    """Window start indices per spatial axis, exactly as ``sliding_window_inference`` places them.
+
+    Axes shorter than the ROI are padded by MONAI to the ROI: they have one window starting at 0.
+    """
+    padded = [max(int(n), int(r)) for n, r in zip(size, roi)]
+    interval = _get_scan_interval(padded, list(roi), len(padded), [overlap] * len(padded))
+    starts: list[list[int]] = []
+    for n, r, s in zip(padded, roi, interval):
+        one_axis = dense_patch_slices([n], [r], [s], return_slice=False)
+        starts.append(sorted({int(w[0][0]) for w in one_axis}))
+    return starts
+
+
+def body_extent(body: np.ndarray | torch.Tensor) -> list[tuple[int, int]] | None:
+    """Per-axis ``[lo, hi)`` of the True voxels of a spatial mask; None when there are none."""
+    b = torch.as_tensor(body)
+    out = []
+    for axis in range(b.ndim):
+        hit = torch.nonzero(b.any(dim=[a for a in range(b.ndim) if a != axis])).flatten()
+        if hit.numel() == 0:
+            return None
+        out.append((int(hit[0]), int(hit[-1]) + 1))
+    return out
+
+
+def aligned_box(size: Sequence[int], roi: Sequence[int], overlap: float,
+                extent: Sequence[tuple[int, int]]) -> tuple[slice, ...]:
+    """The smallest box on the window grid of ``size`` covering every window that meets ``extent``.
+
+    MONAI run on the box yields exactly the whole-volume windows that lie in it (module docstring). Axes
+    shorter than the ROI are not cropped (MONAI pads them; the padding must stay the same).
+    """
+    box = []
+    for n, r, starts, (lo, hi) in zip(size, roi, grid_starts(size, roi, overlap), extent):
+        if n <= r:
+            box.append(slice(0, n))
+            continue
+        first = next(s for s in starts if s + r > lo)
+        last = max(s for s in starts if s < hi)
+        box.append(slice(first, last + r))
+    return tuple(box)
+
+
+class BodyWindows:
+    """Answers "does this window hold any body voxel?" for window coordinates from ``sliding_window_inference``.
+
+    ``body`` is the (unpadded) spatial mask of the image MONAI slides over; MONAI pads axes shorter than the
+    ROI symmetrically, so the mask is padded the same way (with False) to match its window coordinates.
+    """
+
+    def __init__(self, body: np.ndarray | torch.Tensor, roi: Sequence[int]) -> None:
+        b = torch.as_tensor(np.asarray(body, dtype=bool))
+        pad: list[int] = []
+        for n, r in zip(reversed(b.shape), reversed(list(roi))):
+            diff = max(int(r) - int(n), 0)
+            pad += [diff // 2, diff - diff // 2]
+        self.body = torch.nn.functional.pad(b, pad) if any(pad) else b
+
+    def skips(self, spatial: Sequence[slice]) -> bool:
+        """True when the window ``spatial`` (slices into the padded image) holds no body voxel."""
+        return not bool(self.body[tuple(spatial)].any())
