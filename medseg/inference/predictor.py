@@ -37,6 +37,7 @@ from monai.transforms import Compose, Invertd
 
 from medseg.engine.device import resolve_device, resolve_precision
 from medseg.errors import InputError
+from medseg.inference.memory import return_freed_memory_to_os
 from medseg.inference.model_package import ModelPackage
 from medseg.inference.postprocess import postprocess
 from medseg.inference.preparation import (IntensityNormaliser, body_mask, expand_box, foreground_box, raw_body_box,
@@ -85,6 +86,8 @@ class Predictor:
         self.predict_fn = predictor_for(self.model, dims, layout_channels_last=inf.channels_last)
         self.mirror_axes = (list(inf.tta_axes) if inf.tta_axes is not None else list(range(3))) if inf.tta_mirror else []
         self.last_windows: dict[str, int] = {}
+        if inf.memory_bounded:
+            return_freed_memory_to_os()
 
     # ---- loading ---------------------------------------------------------------------------------
     def _check_channels(self, reference: nib.Nifti1Image, n_files: int, path: Path | str) -> None:
@@ -164,13 +167,12 @@ class Predictor:
         inf, data_cfg = self.cfg.inference, self.cfg.data
         raw = read_array(image, name)
         self._check_finite(raw, name)
-        labels = np.zeros(image.shape[:3], dtype=np.uint8)
         shape = raw.shape[:3]
         whole = tuple(slice(0, n) for n in shape)
         body = raw_body_box(raw, data_cfg) if data_cfg.crop_foreground else whole
         if body is None:  # no body at all: an empty mask
             self.last_windows = {"run": 0, "skipped": 0}
-            return labels
+            return np.zeros(shape, dtype=np.uint8)
         # Without resampling, the crop keeps the whole scan's window grid (same answer as the standard path);
         # a resampled crop has its own sampling grid anyway, so it is just the training crop (margin 2).
         stats_box = expand_box(body, shape, 2) if data_cfg.crop_foreground else whole
@@ -207,8 +209,11 @@ class Predictor:
         data["image"] = MetaTensor(torch.empty(0), meta=x.meta, applied_operations=x.applied_operations)
         del x, xt  # the cropped scan is no longer needed
         data["pred"] = MetaTensor(out[None], meta=data["image"].meta, applied_operations=data["image"].applied_operations)
+        del out
         restored = self.invert_labels(data)["pred"]
+        del data  # the preprocessed-grid label map goes before the full-size one is filled
         restored = restored.as_tensor() if isinstance(restored, MetaTensor) else torch.as_tensor(restored)
+        labels = np.zeros(image.shape[:3], dtype=np.uint8)
         labels[box] = restored[0].round().to(torch.uint8).numpy() if restored.dtype.is_floating_point else restored[0].numpy()
         return labels
 
