@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - typer with a plain click dependency
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Medical image segmentation: train, predict, evaluate (MONAI + MLflow).")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration presets.")
-data_app = typer.Typer(no_args_is_help=True, help="Datasets: phantom, MSD import, validation.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: phantom, MSD and 2D image import, validation.")
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 
@@ -88,6 +88,44 @@ def data_import_msd(msd_dir: Path, out: Annotated[Optional[Path], typer.Option(h
     typer.echo(f"wrote {m.path}: {len(m.cases)} cases {counts}, labels {m.labels}")
 
 
+@data_app.command("import-images")
+def data_import_images(
+    src: Annotated[Path, typer.Argument(help="dataset folder (COCO: also an instances_*.json file)")],
+    format: Annotated[str, typer.Option("--format", help="voc, camvid, labelme or coco")],
+    out: Annotated[Optional[Path], typer.Option(help="manifest path (default data_manifests/<src name>.json)")] = None,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="share of validation cases where the source has no split")] = 0.1,
+    seed: int = 0,
+    classes: Annotated[Optional[Path], typer.Option(help="text file, one class name per line, in index order")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="camvid/coco: images folder (relative to SRC)")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="camvid: labels folder (relative to SRC)")] = None,
+) -> None:
+    """Make a manifest from a 2D image dataset (VOC, CamVid-like, LabelMe, COCO); converted labels go beside it."""
+    import inspect
+
+    from medseg.io.images2d import IMPORTERS
+
+    try:
+        importer = IMPORTERS.get(format)
+    except KeyError as e:
+        raise typer.BadParameter(str(e.args[0]), param_hint="--format") from None
+    options = {"classes": _read_class_names(classes) if classes else None, "images": images, "labels": labels}
+    accepted = inspect.signature(importer).parameters
+    for key, value in options.items():
+        if value is not None and key not in accepted:
+            raise typer.BadParameter(f"--{key} does not apply to --format {format}", param_hint=f"--{key}")
+    target = out or Path("data_manifests") / f"{src.resolve().name.lower()}.json"
+    m = importer(src, target, val_fraction=val_fraction, seed=seed,
+                 **{k: v for k, v in options.items() if v is not None})
+    counts = {s: len(m.split(s)) for s in ("train", "val", "test")}
+    typer.echo(f"wrote {m.path}: {len(m.cases)} images {counts}, {len(m.labels)} classes")
+
+
+def _read_class_names(path: Path) -> list[str]:
+    if not path.is_file():
+        raise MedsegError(f"{path}: class list not found")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
 @data_app.command("validate")
 def data_validate(manifest: Path) -> None:
     """Check every case of a manifest (files, shapes, affines, label values, NaN)."""
@@ -95,8 +133,13 @@ def data_validate(manifest: Path) -> None:
     from medseg.io.manifest import load_manifest
 
     m = load_manifest(manifest)
-    for c in m.cases:
-        validate_case(m, c)
+    if m.cases and m.cases[0].image[0].lower().endswith((".png", ".jpg", ".jpeg")):  # 2D images (void 255 allowed)
+        from medseg.data.natural_images import validate_image_cases
+
+        validate_image_cases(m, [c for c in m.cases if c.label], ignore_index=255)
+    else:
+        for c in m.cases:
+            validate_case(m, c)
     typer.echo(f"{manifest}: {len(m.cases)} cases ok (fingerprint {m.fingerprint()})")
 
 
@@ -171,6 +214,12 @@ def predict(
         shard_ix = parse_shard(shard) if shard else shard_from_env()
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--shard") from None
+    from medseg.inference.images2d import is_image_input
+
+    if is_image_input(input):  # 2D natural images (PNG/JPG): their own, simpler path
+        _predict_images(model, input, output, split, device, resume, set_ or [], tracking_uri,
+                        unsupported=bool(shard or save_probabilities or mlflow_experiment))
+        return
     from medseg.inference.batch import check_probabilities_option, discover_inputs, run_batch
     from medseg.inference.model_package import load_package
     from medseg.inference.options import apply_inference_overrides
@@ -191,6 +240,24 @@ def predict(
     typer.echo(f"{len(report.done)} predicted, {len(report.skipped)} already done, {len(report.failed)} failed -> {output}{where}")
     if report.mlflow_run_id:
         typer.echo(f"mlflow run id: {report.mlflow_run_id}")
+    for cid, err in report.failed.items():
+        typer.echo(f"  failed {cid}: {err}", err=True)
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
+
+
+def _predict_images(model: str, input: Path, output: Path, split: Optional[str], device: str, resume: bool,
+                    overrides: list[str], tracking_uri: Optional[str], unsupported: bool) -> None:
+    from medseg.inference.images2d import discover_images, predict_images
+    from medseg.inference.model_package import load_package
+    from medseg.inference.options import apply_inference_overrides
+
+    if unsupported:
+        raise MedsegError("--shard, --save-probabilities and --mlflow-experiment are not supported for 2D images yet")
+    items = discover_images(input, split)
+    package = apply_inference_overrides(load_package(model, tracking_uri), overrides)
+    report = predict_images(package, items, output, device=device, resume=resume)
+    typer.echo(f"{len(report.done)} predicted, {len(report.skipped)} already done, {len(report.failed)} failed -> {output}")
     for cid, err in report.failed.items():
         typer.echo(f"  failed {cid}: {err}", err=True)
     if report.exit_code:

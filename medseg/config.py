@@ -22,17 +22,18 @@ class _Strict(BaseModel):
 
 
 class IntensityConfig(_Strict):
-    """Intensity normalisation: CT window (HU clip to [lower, upper] then to [0, 1]) or per-volume z-score."""
+    """Intensity normalisation: CT window (HU clip to [lower, upper] then to [0, 1]), per-volume z-score, or
+    ``range``: the same linear clip-and-scale of [lower, upper] to [0, 1] for non-CT data (8-bit RGB: 0, 255)."""
 
-    mode: Literal["ct_window", "zscore"] = "zscore"
+    mode: Literal["ct_window", "zscore", "range"] = "zscore"
     lower: float = -1000.0
     upper: float = 1000.0
     nonzero: bool = False
 
     @model_validator(mode="after")
     def _window_ordered(self) -> IntensityConfig:
-        if self.mode == "ct_window" and not self.lower < self.upper:
-            raise ValueError("ct_window needs lower < upper")
+        if self.mode in ("ct_window", "range") and not self.lower < self.upper:
+            raise ValueError(f"{self.mode} needs lower < upper")
         return self
 
 
@@ -40,6 +41,12 @@ class DataConfig(_Strict):
     """Where the data is and how it is preprocessed and sampled."""
 
     manifest: Path = Path("data_manifests/phantom.json")
+    kind: Literal["volume", "image2d"] = Field(
+        default="volume", description="volume: 3D NIfTI scans; image2d: 2D natural images (PNG/JPG, index-PNG labels)")
+    ignore_index: int | None = Field(
+        default=None, ge=0, le=255, description="label value of void pixels (VOC: 255): excluded from loss and metrics")
+    resize: tuple[int, int] | None = Field(
+        default=None, description="image2d only: resize every image to (height, width) (labels nearest) before cropping")
     spacing: tuple[float, ...] | None = Field(default=None, description="target voxel spacing (mm); None keeps native")
     orientation: str = "RAS"
     intensity: IntensityConfig = IntensityConfig()
@@ -64,6 +71,13 @@ class DataConfig(_Strict):
     def _positive_spacing(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
         if v is not None and any(s <= 0 for s in v):
             raise ValueError("spacing values must be > 0")
+        return v
+
+    @field_validator("resize")
+    @classmethod
+    def _positive_resize(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and any(s <= 0 for s in v):
+            raise ValueError("resize values must be > 0")
         return v
 
     @field_validator("patch_size")
@@ -168,6 +182,12 @@ class Config(_Strict):
         nd = self.model.spatial_dims
         if len(self.data.patch_size) != nd:
             raise ValueError(f"data.patch_size has {len(self.data.patch_size)} values but model.spatial_dims is {nd}")
+        if self.data.kind == "image2d" and nd != 2:
+            raise ValueError("data.kind image2d needs model.spatial_dims 2")
+        if self.data.kind == "image2d" and self.data.spacing is not None:
+            raise ValueError("data.spacing applies to volumes; 2D images use data.resize")
+        if self.data.kind == "volume" and self.data.resize is not None:
+            raise ValueError("data.resize applies to data.kind image2d only (volumes use data.spacing)")
         if self.data.spacing is not None and len(self.data.spacing) != 3:
             raise ValueError("data.spacing must have 3 values (volumes are resampled in 3D)")
         roi = self.inference.roi_size

@@ -208,15 +208,45 @@ def build_dice_focal(
     return CombinedLoss({"dice": (lambda_dice, dice), "focal": (lambda_focal, focal)})
 
 
-def build_loss(name: str, num_classes: int, params: dict[str, Any] | None = None) -> nn.Module:
-    """Build the loss registered as ``name``.
+class IgnoreIndex(nn.Module):
+    """Any loss above, computed over the pixels whose target is not ``ignore_index`` (void) only.
+
+    The kept pixels of the whole batch are gathered into one sample ``(1, C, M)`` and passed to the wrapped
+    loss, so void pixels add nothing to any term: CE and focal average over kept pixels only, and Dice's
+    sums (tp, sum p, sum y) run over kept pixels. Because the batch is pooled, Dice behaves as with
+    ``batch=True`` (the default); a per-sample Dice (``batch=False``) is not kept. Written here because
+    MONAI's ``MaskedDiceLoss`` zeroes logits *before* the softmax, which still leaves 1/C probabilities
+    in void pixels, and torch's ``ignore_index`` exists for CE alone. A batch without kept pixels gives 0.
+    """
+
+    def __init__(self, loss: nn.Module, ignore_index: int) -> None:
+        super().__init__()
+        self.loss = loss
+        self.ignore_index = int(ignore_index)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Loss of ``logits`` ``(B, C, ...)`` against ``target`` ``(B, 1, ...)`` over non-void pixels."""
+        if target.ndim != logits.ndim or target.shape[1] != 1:
+            raise ValueError(f"target must have shape (B, 1, *spatial) for logits {tuple(logits.shape)}, got {tuple(target.shape)}")
+        keep = target[:, 0] != self.ignore_index
+        if not bool(keep.any()):
+            return logits.sum() * 0.0
+        kept_logits = logits.movedim(1, -1)[keep]  # (M, C)
+        kept_target = target[:, 0][keep]
+        return self.loss(kept_logits.T.unsqueeze(0), kept_target.reshape(1, 1, -1))
+
+
+def build_loss(name: str, num_classes: int, params: dict[str, Any] | None = None,
+               ignore_index: int | None = None) -> nn.Module:
+    """Build the loss registered as ``name`` (wrapped in ``IgnoreIndex`` when ``ignore_index`` is given).
 
     Raises ``KeyError`` listing the valid names for an unknown ``name``, and ``ValueError`` naming the key
     for a parameter the builder does not take (``num_classes`` comes from the dataset, not the config).
     """
     params = dict(params or {})
     LOSSES.check_params(name, params, reserved=("num_classes",))
-    return LOSSES.get(name)(num_classes, **params)
+    loss = LOSSES.get(name)(num_classes, **params)
+    return loss if ignore_index is None else IgnoreIndex(loss, ignore_index)
 
 
 class _DeepSupervision(DeepSupervisionLoss):

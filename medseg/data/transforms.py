@@ -57,6 +57,13 @@ def _flip_lr_aug(keys: Sequence[str], spatial_dims: int) -> list[mt.Transform]:
     return [mt.RandFlipd(keys=list(keys), prob=0.5, spatial_axis=0)]
 
 
+@AUGMENTATIONS.register("flip_horizontal")
+def _flip_horizontal_aug(keys: Sequence[str], spatial_dims: int) -> list[mt.Transform]:
+    # 2D natural images, arrays (C, H, W): mirror the width axis (the last). Not for volumes, where
+    # flip_lr mirrors the patient's left-right axis.
+    return [mt.RandFlipd(keys=list(keys), prob=0.5, spatial_axis=spatial_dims - 1)]
+
+
 class ForegroundAbove:
     """Foreground selector for ``CropForegroundd``: voxels above ``threshold`` (or above the minimum).
 
@@ -83,7 +90,7 @@ def preprocessing(data: DataConfig, with_label: bool) -> list[mt.Transform]:
         out.append(mt.Spacingd(keys=keys, pixdim=data.spacing, mode=interp))
     if data.crop_foreground:
         out.append(mt.CropForegroundd(keys=keys, source_key=IMAGE, select_fn=ForegroundAbove(data.foreground_threshold), margin=2, allow_smaller=True))
-    if data.intensity.mode == "ct_window":
+    if data.intensity.mode in ("ct_window", "range"):
         out.append(mt.ScaleIntensityRanged(keys=IMAGE, a_min=data.intensity.lower, a_max=data.intensity.upper, b_min=0.0, b_max=1.0, clip=True))
     else:
         out.append(mt.NormalizeIntensityd(keys=IMAGE, nonzero=data.intensity.nonzero, channel_wise=True))
@@ -123,6 +130,10 @@ def _sampling(cfg: Config, num_classes: int) -> list[mt.Transform]:
 
 def train_transforms(cfg: Config, num_classes: int) -> mt.Compose:
     """Preprocessing + patch sampling + light augmentation."""
+    if cfg.data.kind == "image2d":
+        from medseg.data.natural_images import image_train_transforms
+
+        return image_train_transforms(cfg)
     aug: list[mt.Transform] = []
     if cfg.data.augment:
         for name in cfg.data.augmentations:
@@ -132,4 +143,8 @@ def train_transforms(cfg: Config, num_classes: int) -> mt.Compose:
 
 def eval_transforms(cfg: Config, with_label: bool = True) -> mt.Compose:
     """Deterministic preprocessing for validation (with label) and inference (without)."""
+    if cfg.data.kind == "image2d":
+        from medseg.data.natural_images import image_preprocessing
+
+        return mt.Compose(image_preprocessing(cfg.data, with_label))
     return mt.Compose(preprocessing(cfg.data, with_label))

@@ -44,7 +44,7 @@ from medseg.engine import distributed as dist_utils
 from medseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medseg.engine.device import Precision, resolve_device, resolve_precision
 from medseg.engine.history import read_rows_csv, write_rows_csv
-from medseg.engine.validation import ValResult, validate
+from medseg.engine.validation import ValResult, validate, validate_images
 from medseg.engine.schedules import build_optimizer, build_scheduler
 from medseg.errors import ConfigError, MedsegError
 from medseg.inference.model_package import save_package
@@ -97,7 +97,8 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir else Path(cfg.train.output_dir) / name
         self.resume = resume
         self.tracking_uri = tracking_uri
-        self.labels = manifest.foreground
+        # Volumes score organs (background excluded); in 2D natural images every class is scored (VOC background too).
+        self.labels = manifest.labels if cfg.data.kind == "image2d" else manifest.foreground
         self.num_classes = manifest.num_classes
         self.tracker: Tracker = NullTracker()
 
@@ -119,7 +120,12 @@ class Trainer:
         val_cases = _case_dicts(self.manifest, "val")
         if not train_cases:
             raise MedsegError(f"{self.manifest.path}: no cases with split 'train'")
-        validate_cases(self.manifest, self.manifest.split("train", "val"))
+        if cfg.data.kind == "image2d":
+            from medseg.data.natural_images import validate_image_cases
+
+            validate_image_cases(self.manifest, self.manifest.split("train", "val"), cfg.data.ignore_index)
+        else:
+            validate_cases(self.manifest, self.manifest.split("train", "val"))
         ttf = train_transforms(cfg, self.num_classes)
         if cfg.data.cache == "memory":
             self.train_ds = CacheDataset(train_cases, ttf, cache_rate=1.0, num_workers=max(1, cfg.data.num_workers), progress=False)
@@ -146,7 +152,7 @@ class Trainer:
         self.model = build_model(cfg.model.name, cfg.model.spatial_dims, self.manifest.num_channels, self.num_classes, cfg.model.params).to(self.device)
         self._check_patch_fits()
         self.net: nn.Module = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) if self.world > 1 else self.model
-        self.loss_fn = build_loss(cfg.loss.name, self.num_classes, cfg.loss.params).to(self.device)  # class-weight buffers
+        self.loss_fn = build_loss(cfg.loss.name, self.num_classes, cfg.loss.params, cfg.data.ignore_index).to(self.device)  # class-weight buffers
         # Deep-supervision nets return every decoder head in train mode; eval mode gives one tensor.
         deep = bool(cfg.model.params.get("deep_supervision"))
         self.train_loss_fn = wrap_deep_supervision(self.loss_fn) if deep else self.loss_fn
@@ -219,13 +225,17 @@ class Trainer:
 
     def validate(self, with_hd95: bool = False, n_views: int = 0) -> ValResult:
         """Sliding-window validation on whole preprocessed val volumes; per-organ Dice/IoU (HD95) by name."""
+        if self.cfg.data.kind == "image2d":  # whole 2D images: pooled pixel accuracy, per-class IoU/Dice, mIoU
+            return validate_images(self.model, predictor_for(self.model, 2, volume_dims=2), self.val_ds, self.labels,
+                                   self.num_classes, self.loss_fn, self._window(), self.cfg.inference, self.device,
+                                   self.precision, self.cfg.data.ignore_index, n_views)
         return validate(self.model, predictor_for(self.model, self.cfg.model.spatial_dims), self.val_ds, self.labels,
                         self.num_classes, self.loss_fn, self._window(), self.cfg.inference, self.device, self.precision,
                         with_hd95=with_hd95, n_views=n_views)
 
     def _window(self) -> tuple[int, ...]:
         roi = self.cfg.roi_size
-        return roi if self.cfg.model.spatial_dims == 3 else (*roi, 1)
+        return roi if self.cfg.model.spatial_dims == 3 or self.cfg.data.kind == "image2d" else (*roi, 1)
 
     # ---- state -----------------------------------------------------------------------------------
     def _state(self, epoch: int) -> dict[str, Any]:
@@ -391,7 +401,8 @@ class Trainer:
             return
         write_rows_csv(self.run_dir / "history.csv", self.history)
         self.tracker.log_metrics(metrics, step=epoch)
-        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_loss", "val_dice_mean", "val_iou_mean"))
+        keys = ("train_loss", "val_loss", "val_dice_mean", "val_iou_mean", "val_pixel_accuracy")
+        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in keys)
         log.info("epoch %d/%d %s (%.1f s)", epoch + 1, self.cfg.train.epochs, shown, metrics["time_epoch_s"])
 
     def _plans(self) -> dict[str, Any] | None:
@@ -419,7 +430,7 @@ class Trainer:
 
         for index, image, truth, pred in val.views:  # named by position in the val split, never by case id
             overlay(image, truth, pred, self.num_classes, self.run_dir / "plots" / f"val_overlay_{index:02d}.png",
-                    title=f"validation case {index}, epoch {epoch + 1} (middle of organs, axial)")
+                    title=f"validation case {index}, epoch {epoch + 1}" + ("" if self.cfg.data.kind == "image2d" else " (middle of organs, axial)"))
 
     def _finish(self) -> None:
         if not dist_utils.is_main():
@@ -447,4 +458,5 @@ class Trainer:
 
 def best_rows_mean(rows: list[dict[str, Any]], key: str) -> float:
     """Mean of one column over per-case rows (NaN-aware)."""
-    return float(np.nanmean([float(r[key]) for r in rows])) if rows else float("nan")
+    values = np.asarray([float(r[key]) for r in rows], dtype=float)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")  # all NaN: no warning

@@ -1,4 +1,5 @@
-"""Sliding-window validation of whole preprocessed volumes: per-case, per-organ Dice / IoU (and HD95 in mm).
+"""Sliding-window validation of whole preprocessed volumes: per-case, per-organ Dice / IoU (and HD95 in mm);
+``validate_images`` does the same for whole 2D natural images with pooled pixel accuracy, IoU, mIoU, Dice.
 
 Each DDP rank validates its own share of the cases; the per-case rows are gathered so every rank returns
 the same summary over *all* validation cases.
@@ -97,3 +98,73 @@ def summarize(rows: list[dict[str, Any]], organs: list[str], with_hd95: bool) ->
 def _nanmean(values: list[float]) -> float:
     arr = np.asarray(values, dtype=float)
     return float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
+
+
+@torch.inference_mode()
+def validate_images(
+    model: torch.nn.Module,
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    cases: Iterable[Mapping[str, Any]],
+    labels: Mapping[str, int],
+    num_classes: int,
+    loss_fn: torch.nn.Module,
+    window: tuple[int, ...],
+    inf: InferenceConfig,
+    device: torch.device,
+    precision: Precision,
+    ignore_index: int | None = None,
+    n_views: int = 0,
+) -> ValResult:
+    """Validate whole 2D images (``(C, H, W)``): metrics pooled over all pixels of all validation images.
+
+    Summary keys (every class counts, index 0 included: in natural images it is a real class such as
+    VOC's background): ``val_pixel_accuracy``, ``val_iou_<class>``, ``val_dice_<class>``, ``val_miou``
+    (= ``val_iou_mean``) and ``val_dice_mean`` (the model-selection score), all from one confusion
+    matrix over the non-void pixels (see ``medseg.evaluation.confusion``). Per-image rows carry the same
+    metrics per image (NaN for a class absent from both the image and its prediction).
+    """
+    from medseg.evaluation.confusion import confusion_matrix
+
+    model.eval()
+    rows: list[dict[str, Any]] = []
+    cms: list[np.ndarray] = []
+    views: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+    for item in cases:
+        image = item["image"].unsqueeze(0).to(device)
+        label = item["label"].unsqueeze(0).to(device)
+        with precision.autocast(device):
+            logits = sliding_window_inference(image, window, inf.sw_batch_size, predictor, overlap=inf.overlap,
+                                              mode=inf.blend_mode)
+        logits = logits.float()
+        pred_np = logits.argmax(1)[0].cpu().numpy()
+        truth_np = label[0, 0].cpu().numpy()
+        cm = confusion_matrix(pred_np, truth_np, num_classes, ignore_index)
+        cms.append(cm)
+        rows.append({"case": item["id"], "val_loss": float(loss_fn(logits, label)), **_cm_scores(cm, labels, "")})
+        if int(item["index"]) < n_views:  # overlay() shows arrays rotated by 90 degrees (volume convention)
+            grey = item["image"].float().mean(0).cpu().numpy()
+            shown_truth = np.where(truth_np == ignore_index, 0, truth_np) if ignore_index is not None else truth_np
+            views.append((int(item["index"]), *(np.rot90(a, -1) for a in (grey, shown_truth, pred_np))))
+    all_rows = [r for part in dist_utils.all_gather_objects(rows) for r in part]  # type: ignore[union-attr]
+    all_cms = [c for part in dist_utils.all_gather_objects(cms) for c in part]  # type: ignore[union-attr]
+    all_views = sorted((v for part in dist_utils.all_gather_objects(views) for v in part), key=lambda v: v[0])  # type: ignore[union-attr]
+    summary: dict[str, float] = {}
+    if all_rows:
+        summary["val_loss"] = float(np.mean([r["val_loss"] for r in all_rows]))
+        summary.update(_cm_scores(np.sum(all_cms, axis=0), labels, "val_"))
+    return ValResult(summary, all_rows, all_views)
+
+
+def _cm_scores(cm: np.ndarray, labels: Mapping[str, int], prefix: str) -> dict[str, float]:
+    """Pixel accuracy, per-class IoU / Dice by name, mIoU and mean Dice of one confusion matrix."""
+    from medseg.evaluation.confusion import dice_per_class, iou_per_class, nanmean, pixel_accuracy
+
+    iou, dice = iou_per_class(cm), dice_per_class(cm)
+    out = {f"{prefix}pixel_accuracy": pixel_accuracy(cm)}
+    for name, value in labels.items():
+        out[f"{prefix}dice_{name}"] = float(dice[value])
+        out[f"{prefix}iou_{name}"] = float(iou[value])
+    idx = list(labels.values())
+    out[f"{prefix}miou"] = out[f"{prefix}iou_mean"] = nanmean(iou[idx])
+    out[f"{prefix}dice_mean"] = nanmean(dice[idx])
+    return out

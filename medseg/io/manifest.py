@@ -148,7 +148,7 @@ class Manifest:
             "description": self.description,
             "channel_names": self.channel_names,
             "labels": dict(sorted(self.labels.items(), key=lambda kv: kv[1])),
-            "file_ending": ".nii.gz",
+            "file_ending": _file_ending(self.cases),
             "numTraining": len(labelled),
             "numTest": len(unlabelled),
             "training": [
@@ -166,6 +166,12 @@ class Manifest:
         self.path = Path(path).resolve()
         write_json_atomic(self.path, self.to_json())
         return self.path
+
+
+def _file_ending(cases: list[Case]) -> str:
+    """The image suffix of the first case (``.png`` for 2D image sets), ``.nii.gz`` by default."""
+    name = cases[0].image[0].lower() if cases else ""
+    return next((suf for suf in _SUFFIXES if name.endswith(suf)), ".nii.gz")
 
 
 def _parse_labels(raw: Any, src: Path) -> dict[str, int]:
