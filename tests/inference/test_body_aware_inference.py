@@ -19,7 +19,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from medseg.inference.options import apply_inference_overrides
-from medseg.inference.predictor import Predictor
+from medseg.inference.predictor import Predictor, argmax_classes
 from tests.inference.test_geometry import LOWER, UPPER, _package
 
 SHAPE = (72, 64, 40)
@@ -67,6 +67,8 @@ def test_standard_path_equals_plain_call_inside_the_body(package, tmp_path: Path
     assert float(diff[torch.from_numpy(body)].max()) < 1e-4
     pred = predictor.predict([path])
     assert pred.windows["skipped"] > 0 and pred.windows["run"] > 0, pred.windows
+    # The label-only path (argmax before inversion, no resampling) equals the argmax of the inverted probabilities.
+    assert np.array_equal(pred.labels, argmax_classes(probs).numpy())
     plain_labels = plain.argmax(0).numpy()
     assert len(np.unique(plain_labels[body])) > 1, "an untrained net that answers one class everywhere proves nothing"
     agree = (pred.labels == plain_labels)[body].mean()
@@ -88,3 +90,23 @@ def test_memory_bounded_equals_standard_path_inside_the_body(package, flip: bool
     assert len(np.unique(standard.labels[body])) > 1
     agree = (bounded.labels == standard.labels)[body].mean()
     assert agree > 0.999, agree
+
+
+@pytest.mark.parametrize("bounded", [False, True], ids=["standard", "memory_bounded"])
+def test_body_grid_runs_fewer_windows_and_keeps_geometry(tiny_phantom: Path, tmp_path: Path, bounded: bool) -> None:
+    from tests.inference.test_geometry import expected_mask, oracle_model
+
+    pkg, m = _package(tmp_path, tiny_phantom, ["data.spacing=null", f"inference.memory_bounded={str(bounded).lower()}"])
+    path = m.image_paths(m.cases[3])[0]  # the oblique case
+    whole = Predictor(pkg, device="cpu", model=oracle_model()).predict([path])
+    body = Predictor(apply_inference_overrides(pkg, ["inference.window_grid=body"]), device="cpu", model=oracle_model()).predict([path])
+    raw = np.asanyarray(nib.load(path).dataobj)
+    assert np.array_equal(body.labels, expected_mask(raw)) and np.array_equal(whole.labels, expected_mask(raw))
+    assert body.windows["run"] + body.windows["skipped"] <= whole.windows["run"] + whole.windows["skipped"]
+
+
+def test_argmax_classes_matches_torch_argmax_including_ties() -> None:
+    torch.manual_seed(4)
+    scores = torch.randint(0, 3, (5, 7, 6, 4)).float()  # many exact ties
+    assert torch.equal(argmax_classes(scores).long(), scores.argmax(0))
+    assert argmax_classes(scores).dtype == torch.uint8
