@@ -155,10 +155,10 @@ class InferenceConfig(_Strict):
                                  "invert the label map instead of probabilities")
     channels_last: bool = Field(default=False, description="run the network on channels-last tensors (outputs equal to "
                                 "~1e-5; no gain measured on CPU; meant for cuDNN under AMP, not measured here)")
-    window_grid: Literal["whole", "body"] = Field(
-        default="whole", description="whole: windows on the whole scan's grid (body voxels get exactly what a whole-volume "
-        "sliding window gives; body-free windows skipped); body: the grid starts at the body's box (fewer windows, "
-        "faster; outputs differ slightly where windows blend differently)")
+    window_grid: Literal["body", "whole"] = Field(
+        default="body", description="body: windows tile the body's box (the foreground crop training validated on: "
+        "predictions reproduce the validation metrics; fewer windows); whole: windows on the whole scan's grid, so body "
+        "voxels get exactly what a plain whole-volume sliding window gives. Body-free windows are skipped in both")
 
 
 class TrackingConfig(_Strict):

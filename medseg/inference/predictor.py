@@ -5,11 +5,11 @@ is segmented with MONAI sliding-window inference, and the class probabilities ar
 ``Invertd`` (undoing the resampling and the reorientation) before the argmax. The mask is then written with
 the input file's own affine and header, so it overlays the scan voxel for voxel; ``check_overlay`` asserts that.
 
-Speed without changing the answer: the sliding window runs on a crop whose edges lie on the whole volume's
-window grid, and windows holding no body voxel are answered with background instead of the network
-(``window_grid``), so every body voxel gets exactly what a whole-volume ``sliding_window_inference`` call
-would give. ``inference.window_grid: body`` trades that equality for fewer windows (the grid starts at the
-body's box, as a training-style foreground crop would tile it).
+Window grids (``inference.window_grid``). ``body`` (default) tiles the body's box exactly as validation
+during training did (foreground crop, then MONAI's grid), so a packaged model reproduces the metrics it
+was selected on. ``whole`` keeps the whole scan's grid on a grid-aligned crop (``window_grid``), so every
+body voxel gets exactly what a plain whole-volume ``sliding_window_inference`` call would give. In both,
+windows holding no body voxel are answered with background instead of running the network.
 
 Inputs are NIfTI files or an in-memory ``nib.Nifti1Image`` (e.g. a DICOM series converted with
 ``sitk_to_nifti``), so DICOM needs no temporary file. ``inference.memory_bounded`` is for scans whose

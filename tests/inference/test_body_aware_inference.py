@@ -58,7 +58,7 @@ def test_standard_path_equals_plain_call_inside_the_body(package, tmp_path: Path
     img = synthetic_ct(np.diag([1.0, 1.0, 2.0, 1.0]))
     vol = np.asanyarray(img.dataobj)
     body = vol > -500
-    predictor = Predictor(package, device="cpu")
+    predictor = Predictor(apply_inference_overrides(package, ["inference.window_grid=whole"]), device="cpu")
     plain = _plain(vol, copy.deepcopy(predictor.model).to(memory_format=torch.contiguous_format), package.config)
     path = tmp_path / "ct.nii.gz"
     nib.save(img, path)
@@ -75,18 +75,21 @@ def test_standard_path_equals_plain_call_inside_the_body(package, tmp_path: Path
     assert agree > 0.999, agree
 
 
+@pytest.mark.parametrize("grid", ["body", "whole"])
 @pytest.mark.parametrize("flip", [False, True], ids=["ras", "flipped_x"])
-def test_memory_bounded_equals_standard_path_inside_the_body(package, flip: bool) -> None:
+def test_memory_bounded_equals_standard_path_inside_the_body(package, flip: bool, grid: str) -> None:
     # Without resampling, memory-bounded mode crops the int16 scan on the same window grid, normalises per
     # window and streams the blending: its label map must be the standard path's inside the body.
     affine = np.diag([-1.0 if flip else 1.0, 1.0, 2.0, 1.0])
     img = synthetic_ct(affine)
     vol = np.asanyarray(img.dataobj)
     body = vol > -500
-    standard = Predictor(package, device="cpu").predict(img, name="ct")
-    bounded = Predictor(apply_inference_overrides(package, ["inference.memory_bounded=true"]), device="cpu").predict(img, name="ct")
+    pkg = apply_inference_overrides(package, [f"inference.window_grid={grid}"])
+    standard = Predictor(pkg, device="cpu").predict(img, name="ct")
+    bounded = Predictor(apply_inference_overrides(pkg, ["inference.memory_bounded=true"]), device="cpu").predict(img, name="ct")
     assert bounded.labels.dtype == np.uint8 and bounded.labels.shape == vol.shape
-    assert bounded.windows["skipped"] > 0 and bounded.windows == standard.windows
+    assert bounded.windows == standard.windows and bounded.windows["run"] > 0
+    assert bounded.windows["skipped"] > 0 or grid == "body"  # the tight body box of this scan has no body-free window
     assert len(np.unique(standard.labels[body])) > 1
     agree = (bounded.labels == standard.labels)[body].mean()
     assert agree > 0.999, agree
@@ -98,7 +101,7 @@ def test_body_grid_runs_fewer_windows_and_keeps_geometry(tiny_phantom: Path, tmp
 
     pkg, m = _package(tmp_path, tiny_phantom, ["data.spacing=null", f"inference.memory_bounded={str(bounded).lower()}"])
     path = m.image_paths(m.cases[3])[0]  # the oblique case
-    whole = Predictor(pkg, device="cpu", model=oracle_model()).predict([path])
+    whole = Predictor(apply_inference_overrides(pkg, ["inference.window_grid=whole"]), device="cpu", model=oracle_model()).predict([path])
     body = Predictor(apply_inference_overrides(pkg, ["inference.window_grid=body"]), device="cpu", model=oracle_model()).predict([path])
     raw = np.asanyarray(nib.load(path).dataobj)
     assert np.array_equal(body.labels, expected_mask(raw)) and np.array_equal(whole.labels, expected_mask(raw))
