@@ -34,6 +34,16 @@ class ValResult:
     views: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
+def _case_logits(item: Mapping[str, Any], predictor: Callable[[torch.Tensor], torch.Tensor], window: tuple[int, ...],
+                 inf: InferenceConfig, device: torch.device, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 sliding-window logits (1, C, ...) of one validation case, and its label (1, 1, ...) on ``device``."""
+    image = item["image"].unsqueeze(0).to(device)
+    label = item["label"].unsqueeze(0).to(device)
+    with precision.autocast(device):
+        logits = sliding_window_inference(image, window, inf.sw_batch_size, predictor, overlap=inf.overlap, mode=inf.blend_mode)
+    return logits.float(), label
+
+
 @torch.inference_mode()
 def validate(
     model: torch.nn.Module,
@@ -54,12 +64,7 @@ def validate(
     rows: list[dict[str, Any]] = []
     views: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
     for item in cases:
-        image = item["image"].unsqueeze(0).to(device)
-        label = item["label"].unsqueeze(0).to(device)
-        with precision.autocast(device):
-            logits = sliding_window_inference(image, window, inf.sw_batch_size, predictor, overlap=inf.overlap,
-                                              mode=inf.blend_mode)
-        logits = logits.float()
+        logits, label = _case_logits(item, predictor, window, inf, device, precision)
         arg = logits.argmax(1, keepdim=True)
         pred, truth = one_hot(arg, num_classes), one_hot(label.long(), num_classes)
         dice = compute_dice(pred, truth, include_background=False, ignore_empty=False)[0].cpu().numpy()
@@ -130,12 +135,7 @@ def validate_images(
     cms: list[np.ndarray] = []
     views: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
     for item in cases:
-        image = item["image"].unsqueeze(0).to(device)
-        label = item["label"].unsqueeze(0).to(device)
-        with precision.autocast(device):
-            logits = sliding_window_inference(image, window, inf.sw_batch_size, predictor, overlap=inf.overlap,
-                                              mode=inf.blend_mode)
-        logits = logits.float()
+        logits, label = _case_logits(item, predictor, window, inf, device, precision)
         pred_np = logits.argmax(1)[0].cpu().numpy()
         truth_np = label[0, 0].cpu().numpy()
         cm = confusion_matrix(pred_np, truth_np, num_classes, ignore_index)
