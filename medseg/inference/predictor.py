@@ -42,11 +42,11 @@ from medseg.inference.memory import return_freed_memory_to_os
 from medseg.inference.model_package import ModelPackage
 from medseg.inference.postprocess import postprocess
 from medseg.inference.preparation import (IntensityNormaliser, body_mask, expand_box, foreground_box, raw_body_box,
-                                          raw_window_box, spatial_transforms)
+                                          raw_threshold, raw_window_box, spatial_transforms)
 from medseg.inference.sliding import WindowPredictor, model_channels_last, predictor_for
 from medseg.inference.streaming import streaming_sliding_window
 from medseg.inference.window_grid import BodyWindows, aligned_box, body_extent
-from medseg.io.nifti import load_nifti, read_array, save_like, voxel_spacing
+from medseg.io.nifti import load_nifti, read_array, read_unscaled, save_like, voxel_spacing
 
 SOFTMAX_SLAB = 16  # slices per softmax step when logits become probabilities
 FINITE_SLAB = 32  # slices per step when a raw float scan is checked for NaN/inf without a full-size mask
@@ -203,11 +203,12 @@ class Predictor:
     def _labels_bounded(self, image: nib.Nifti1Image, name: Path | str) -> np.ndarray:
         """Memory-bounded label map: raw crop in its own dtype, per-window normalisation, streamed blending."""
         inf, data_cfg = self.cfg.inference, self.cfg.data
-        raw = read_array(image, name)
+        raw, slope, inter = read_unscaled(image, name)  # stored integers, not nibabel's float64 scaling of them
+        scale = (slope, inter)
         self._check_finite(raw, name)
         shape = raw.shape[:3]
         whole = tuple(slice(0, n) for n in shape)
-        body = raw_body_box(raw, data_cfg) if data_cfg.crop_foreground else whole
+        body = raw_body_box(raw, data_cfg, scale=scale) if data_cfg.crop_foreground else whole
         if body is None:  # no body at all: an empty mask
             self.last_windows = {"run": 0, "skipped": 0}
             return np.zeros(shape, dtype=np.uint8)
@@ -217,19 +218,13 @@ class Predictor:
         stats_box = expand_box(body, shape, 2) if data_cfg.crop_foreground else whole
         exact = data_cfg.spacing is None and inf.window_grid == "whole"
         box = raw_window_box(body, shape, image.affine, data_cfg, self.window, inf.overlap) if exact else stats_box
-        normalise = IntensityNormaliser(self.cfg, raw[None] if raw.ndim == 3 else np.moveaxis(raw, -1, 0), stats_box)
-        threshold = None  # windows are raw: a window is body when it holds a voxel the foreground crop would keep
-        if data_cfg.crop_foreground:
-            threshold = data_cfg.foreground_threshold
-            if threshold is None:
-                threshold = float((raw if raw.ndim == 3 else raw[..., 0]).min())
+        normalise = IntensityNormaliser(self.cfg, raw[None] if raw.ndim == 3 else np.moveaxis(raw, -1, 0), stats_box, scale)
+        # Windows stay raw: a window is body when it holds a voxel the foreground crop would keep.
+        threshold = raw_threshold(raw, data_cfg, scale) if data_cfg.crop_foreground else None
+        affine = image.affine.copy()  # the crop is a view of the stored array, its affine moved to the box corner
+        affine[:3, 3] = image.affine[:3, :3] @ np.array([b.start for b in box]) + image.affine[:3, 3]
+        crop = nib.Nifti1Image(raw[box], affine)
         del raw
-        if isinstance(image.dataobj, np.ndarray):  # already in memory: the crop is a view, not a copy
-            affine = image.affine.copy()
-            affine[:3, 3] = image.affine[:3, :3] @ np.array([b.start for b in box]) + image.affine[:3, 3]
-            crop = nib.Nifti1Image(image.dataobj[box], affine, image.header)
-        else:  # on disk: read only the crop (the whole array read above is freed); nibabel moves the affine
-            crop = image.slicer[box]
         data = self._from_image(crop, str(name), raw=True)
         x: MetaTensor = data["image"]
         xt = x.as_tensor()

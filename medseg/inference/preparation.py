@@ -63,8 +63,10 @@ class IntensityNormaliser:
     scan needs no float copy (``x``: channel-first tensor or array). Applied through MONAI's own ``NormalizeIntensity`` with those statistics.
     """
 
-    def __init__(self, cfg: Config, x: torch.Tensor | np.ndarray, box: Sequence[slice]) -> None:
+    def __init__(self, cfg: Config, x: torch.Tensor | np.ndarray, box: Sequence[slice],
+                 scale: tuple[float, float] = (1.0, 0.0)) -> None:
         it = cfg.data.intensity
+        self.scale = scale  # (slope, inter) of stored values (``io.nifti.read_unscaled``), applied before normalising
         if it.mode in ("ct_window", "range"):
             self.transform = mt.ScaleIntensityRange(a_min=it.lower, a_max=it.upper, b_min=0.0, b_max=1.0, clip=True)
             return
@@ -73,7 +75,7 @@ class IntensityNormaliser:
             n = total = total_sq = 0.0
             region = x[(c, *box)]
             for z in range(0, region.shape[-1], STAT_SLAB):
-                v = np.asarray(region[..., z:z + STAT_SLAB], dtype=np.float64)
+                v = np.asarray(region[..., z:z + STAT_SLAB], dtype=np.float64) * scale[0] + scale[1]
                 if it.nonzero:
                     v = v[v != 0]
                 n += v.size
@@ -86,20 +88,34 @@ class IntensityNormaliser:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise a channel-first image (float32 out; a float32 input is normalised in place)."""
-        return torch.as_tensor(self.transform(x.float()))
+        x = x.float()
+        if self.scale != (1.0, 0.0):
+            x = x.mul_(self.scale[0]).add_(self.scale[1]) if x.dtype == torch.float32 else x * self.scale[0] + self.scale[1]
+        return torch.as_tensor(self.transform(x))
 
     def windows(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalise a (B, C, ...) batch of raw windows."""
         return torch.stack([self(w) for w in batch])
 
 
-def raw_body_box(array: np.ndarray, data: DataConfig, margin: int = 0) -> tuple[slice, ...] | None:
+def raw_threshold(array: np.ndarray, data: DataConfig, scale: tuple[float, float] = (1.0, 0.0)) -> float:
+    """The foreground crop's body threshold (``ForegroundAbove``) in stored values: above it is body.
+
+    ``scale`` is the stored values' (slope > 0, inter); without a configured threshold, the minimum is used.
+    """
+    if data.foreground_threshold is None:
+        return float((array if array.ndim == 3 else array[..., 0]).min())
+    return (float(data.foreground_threshold) - scale[1]) / scale[0]
+
+
+def raw_body_box(array: np.ndarray, data: DataConfig, margin: int = 0,
+                 scale: tuple[float, float] = (1.0, 0.0)) -> tuple[slice, ...] | None:
     """Bounding box (+ ``margin``) of the body on the raw scan array, slab by slab (no full-size mask); None if empty.
 
     The body test is the foreground crop's (``ForegroundAbove``) on channel 0 of a (X, Y, Z[, C]) array.
     """
     vol = array if array.ndim == 3 else array[..., 0]
-    threshold = data.foreground_threshold if data.foreground_threshold is not None else vol.min()
+    threshold = raw_threshold(array, data, scale)
     hits = [np.zeros(n, dtype=bool) for n in vol.shape]
     for z in range(0, vol.shape[2], STAT_SLAB):
         body = vol[:, :, z:z + STAT_SLAB] > threshold

@@ -35,6 +35,26 @@ def read_array(img: nib.Nifti1Image, path: str | Path) -> np.ndarray:
         raise InputError(path, f"cannot read voxel data ({e.__class__.__name__})") from None
 
 
+def read_unscaled(img: nib.Nifti1Image, path: str | Path) -> tuple[np.ndarray, float, float]:
+    """Stored voxel values and their scaling: ``value = stored * slope + inter``.
+
+    CT exported by dcm2niix and others keeps int16/uint16 voxels with ``scl_inter`` (e.g. -1024); nibabel
+    applies that scaling in float64, four times an int16 scan. Memory-bounded inference reads the stored
+    integers instead and applies the scaling window by window. Unscaled images give ``(array, 1.0, 0.0)``;
+    a non-positive slope (order-reversing) is returned already scaled.
+    """
+    proxy = img.dataobj
+    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+    slope = 1.0 if slope is None or not np.isfinite(slope) else float(slope)
+    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+    if (slope, inter) == (1.0, 0.0) or slope <= 0 or not hasattr(proxy, "get_unscaled"):
+        return read_array(img, path), 1.0, 0.0
+    try:
+        return np.asanyarray(proxy.get_unscaled()), slope, inter
+    except Exception as e:
+        raise InputError(path, f"cannot read voxel data ({e.__class__.__name__})") from None
+
+
 def voxel_spacing(affine: np.ndarray) -> tuple[float, ...]:
     """Voxel spacing (mm) from an affine's column norms."""
     return tuple(float(x) for x in np.linalg.norm(affine[:3, :3], axis=0))

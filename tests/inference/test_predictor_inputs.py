@@ -70,3 +70,25 @@ def test_postprocessing_applies_in_predict(tiny_phantom: Path, tmp_path: Path) -
         n_kept = ndimage.label(kept == value, structure=np.ones((3, 3, 3)))[1]
         assert n_kept <= 1
     assert (kept != plain).any() and np.all((kept == plain) | (kept == 0))  # only removals
+
+
+@pytest.mark.parametrize("grid", ["body", "whole"])
+def test_memory_bounded_reads_scaled_ct_as_stored_integers(tiny_phantom: Path, tmp_path: Path, grid: str) -> None:
+    # dcm2niix-style CT: uint16 stored values with scl_inter -1024. nibabel would scale them into float64
+    # (4x the stored bytes); memory-bounded mode keeps the integers and applies the scaling per window, so
+    # thresholds, body crop and intensities must all still be in HU.
+    from medseg.io.nifti import read_unscaled
+
+    pkg, m = _package(tmp_path, tiny_phantom, ["data.spacing=null", f"inference.window_grid={grid}"])
+    src = nib.load(m.image_paths(m.cases[3])[0])  # oblique
+    hu = np.asanyarray(src.dataobj).astype(np.int32)
+    stored = nib.Nifti1Image((hu + 1024).astype(np.uint16), src.affine)
+    stored.header.set_slope_inter(1.0, -1024.0)
+    path = tmp_path / "scaled_ct.nii.gz"
+    nib.save(stored, path)
+    raw, slope, inter = read_unscaled(nib.load(path), path)
+    assert raw.dtype == np.uint16 and (slope, inter) == (1.0, -1024.0)
+    bounded = Predictor(apply_inference_overrides(pkg, ["inference.memory_bounded=true"]), device="cpu", model=oracle_model())
+    pred = bounded.predict([path])
+    assert np.array_equal(pred.labels, expected_mask(hu)), f"{int((pred.labels != expected_mask(hu)).sum())} differ"
+    assert pred.windows["run"] > 0
