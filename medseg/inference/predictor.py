@@ -190,7 +190,7 @@ class Predictor:
         result = self._windowed_logits(image.as_tensor())
         if result is not None:
             logits, box = result
-            labels[box] = argmax_classes(logits.cpu())
+            labels[box] = argmax_classes(logits).cpu()  # on the GPU when there is one: only uint8 crosses
             del logits
         data["image"] = MetaTensor(torch.empty(0), meta=image.meta, applied_operations=image.applied_operations)
         del image
@@ -303,7 +303,7 @@ def argmax_classes(scores: torch.Tensor) -> torch.Tensor:
     (4, 512, 512, 300) here; this running comparison is elementwise over contiguous class planes (0.8 s).
     """
     best = scores[0].clone()
-    out = torch.zeros(scores.shape[1:], dtype=torch.uint8)
+    out = torch.zeros(scores.shape[1:], dtype=torch.uint8, device=scores.device)
     for c in range(1, scores.shape[0]):
         better = scores[c] > best  # strict: an equal later class does not win, as with argmax
         out.masked_fill_(better, c)
