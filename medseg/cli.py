@@ -272,7 +272,7 @@ def _local_rank() -> Optional[int]:
 
 @app.command()
 def evaluate(
-    pred: Annotated[Path, typer.Option(help="folder of <case id>.nii.gz predictions")],
+    pred: Annotated[Path, typer.Option(help="folder of <case id>.nii.gz predictions (2D image manifests: <case id>.png)")],
     manifest: Annotated[Path, typer.Option(help="manifest with the ground truth")],
     out: Annotated[Optional[Path], typer.Option(help="output folder (default PRED/evaluation)")] = None,
     split: Annotated[Optional[str], typer.Option(help="only cases of this split (train/val/test)")] = None,
@@ -283,10 +283,19 @@ def evaluate(
     mlflow_run_id: Annotated[Optional[str], typer.Option(help="log the results to this existing MLflow run")] = None,
     mlflow_experiment: Annotated[Optional[str], typer.Option(help="log the results to a new run in this experiment")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: sqlite mlflow.db here)")] = None,
+    ignore_index: Annotated[Optional[int], typer.Option(min=0, max=255, help="2D images only: label value of void pixels, not scored (default 255)")] = None,
 ) -> None:
-    """Per-case per-organ metrics (CSV), per-organ summaries with 95% CI (JSON), box plots; --compare for paired tests."""
+    """Per-case per-organ metrics (CSV), per-organ summaries with 95% CI (JSON), box plots; --compare for paired tests.
+    For 2D images: pixel accuracy, per-class IoU/Dice and mIoU pooled over all images (as validation), confusion matrix."""
+    from medseg.evaluation.images2d import evaluate_images, is_image_manifest
     from medseg.evaluation.report import evaluate as run_eval
+    from medseg.io.manifest import load_manifest
 
+    images = is_image_manifest(load_manifest(manifest))
+    if images and (compare or lesions):
+        raise MedsegError("--compare and --lesions are not supported for 2D image manifests")
+    if not images and ignore_index is not None:
+        raise MedsegError("--ignore-index applies to 2D image manifests only")
     if mlflow_run_id and mlflow_experiment:
         raise MedsegError("give only one of --mlflow-run-id and --mlflow-experiment")
     if tracking_uri and not (mlflow_run_id or mlflow_experiment):
@@ -297,8 +306,12 @@ def evaluate(
 
         target = EvaluationLogger.open(tracking_uri, run_id=mlflow_run_id, experiment=mlflow_experiment)
     out_dir = out or pred / "evaluation"
-    doc = run_eval(pred, manifest, out_dir, split=split, tolerance_mm=tolerance_mm, workers=workers, lesions=lesions,
-                   compare_dir=compare, progress=sys.stderr.isatty())
+    if images:
+        doc = evaluate_images(pred, manifest, out_dir, split=split, ignore_index=255 if ignore_index is None else ignore_index,
+                              progress=sys.stderr.isatty())
+    else:
+        doc = run_eval(pred, manifest, out_dir, split=split, tolerance_mm=tolerance_mm, workers=workers, lesions=lesions,
+                       compare_dir=compare, progress=sys.stderr.isatty())
     _print_summary(doc)
     typer.echo(f"outputs: {out_dir}")
     if target is not None:
@@ -308,10 +321,11 @@ def evaluate(
 def _print_summary(doc: dict) -> None:
     from rich.console import Console
 
+    from medseg.evaluation.images2d import summary_table as image_table
     from medseg.evaluation.tables import comparison_table, summary_table
 
     console = Console() if sys.stdout.isatty() else Console(width=200)  # logs and pipes: do not wrap at 80
-    console.print(summary_table(doc))
+    console.print(image_table(doc) if doc.get("kind") == "image2d" else summary_table(doc))
     if doc.get("comparison"):
         console.print(comparison_table(doc["comparison"]))
     for note in doc.get("notes", []):

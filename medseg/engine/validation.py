@@ -128,7 +128,7 @@ def validate_images(
     matrix over the non-void pixels (see ``medseg.evaluation.confusion``). Per-image rows carry the same
     metrics per image (NaN for a class absent from both the image and its prediction).
     """
-    from medseg.evaluation.confusion import confusion_matrix
+    from medseg.evaluation.confusion import cm_scores, confusion_matrix
 
     model.eval()
     rows: list[dict[str, Any]] = []
@@ -140,7 +140,7 @@ def validate_images(
         truth_np = label[0, 0].cpu().numpy()
         cm = confusion_matrix(pred_np, truth_np, num_classes, ignore_index)
         cms.append(cm)
-        rows.append({"case": item["id"], "val_loss": float(loss_fn(logits, label)), **_cm_scores(cm, labels, "")})
+        rows.append({"case": item["id"], "val_loss": float(loss_fn(logits, label)), **cm_scores(cm, labels)})
         if int(item["index"]) < n_views:  # overlay() shows arrays rotated by 90 degrees (volume convention)
             grey = item["image"].float().mean(0).cpu().numpy()
             shown_truth = np.where(truth_np == ignore_index, 0, truth_np) if ignore_index is not None else truth_np
@@ -151,20 +151,5 @@ def validate_images(
     summary: dict[str, float] = {}
     if all_rows:
         summary["val_loss"] = float(np.mean([r["val_loss"] for r in all_rows]))
-        summary.update(_cm_scores(np.sum(all_cms, axis=0), labels, "val_"))
+        summary.update(cm_scores(np.sum(all_cms, axis=0), labels, "val_"))
     return ValResult(summary, all_rows, all_views)
-
-
-def _cm_scores(cm: np.ndarray, labels: Mapping[str, int], prefix: str) -> dict[str, float]:
-    """Pixel accuracy, per-class IoU / Dice by name, mIoU and mean Dice of one confusion matrix."""
-    from medseg.evaluation.confusion import dice_per_class, iou_per_class, nanmean, pixel_accuracy
-
-    iou, dice = iou_per_class(cm), dice_per_class(cm)
-    out = {f"{prefix}pixel_accuracy": pixel_accuracy(cm)}
-    for name, value in labels.items():
-        out[f"{prefix}dice_{name}"] = float(dice[value])
-        out[f"{prefix}iou_{name}"] = float(iou[value])
-    idx = list(labels.values())
-    out[f"{prefix}miou"] = out[f"{prefix}iou_mean"] = nanmean(iou[idx])
-    out[f"{prefix}dice_mean"] = nanmean(dice[idx])
-    return out

@@ -9,6 +9,8 @@ A class absent from both prediction and ground truth has IoU = Dice = NaN and is
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 
@@ -57,3 +59,20 @@ def nanmean(values: np.ndarray) -> float:
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
     return float(v.mean()) if v.size else float("nan")
+
+
+def cm_scores(cm: np.ndarray, labels: Mapping[str, int], prefix: str = "") -> dict[str, float]:
+    """Pixel accuracy, per-class IoU / Dice by name, mIoU (also ``iou_mean``) and mean Dice of one matrix.
+
+    The one scoring of confusion matrices: training-time validation (``val_`` prefix), ``medseg evaluate``
+    on images and its MLflow metrics all use it.
+    """
+    iou, dice = iou_per_class(cm), dice_per_class(cm)
+    out = {f"{prefix}pixel_accuracy": pixel_accuracy(cm)}
+    for name, value in labels.items():
+        out[f"{prefix}dice_{name}"] = float(dice[value])
+        out[f"{prefix}iou_{name}"] = float(iou[value])
+    idx = list(labels.values())
+    out[f"{prefix}miou"] = out[f"{prefix}iou_mean"] = nanmean(iou[idx])
+    out[f"{prefix}dice_mean"] = nanmean(dice[idx])
+    return out

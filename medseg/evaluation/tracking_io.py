@@ -27,6 +27,10 @@ _PATH_KEYS = frozenset({"manifest", "predictions", "compare_predictions", "outpu
 
 def evaluation_metrics(doc: dict[str, Any]) -> dict[str, float]:
     """Flat MLflow metrics from an ``evaluate`` summary document (NaN/None left out)."""
+    if doc.get("kind") == "image2d":  # pooled confusion-matrix metrics of 2D images: their own names
+        from medseg.evaluation.images2d import mlflow_metrics
+
+        return mlflow_metrics(doc)
     out: dict[str, float] = {}
     for organ, per_metric in doc["organs"].items():
         for metric, stats in per_metric.items():
@@ -49,6 +53,9 @@ def evaluation_tags(doc: dict[str, Any]) -> dict[str, str]:
             "eval.split": str(doc.get("split")), "eval.n_cases": str(doc.get("n_cases")),
             "eval.tolerance_mm": str(doc.get("tolerance_mm")), "eval.metrics": ",".join(doc.get("metrics", [])),
             "eval.git_commit": git_commit()}
+    if doc.get("kind") == "image2d":  # no distance tolerance; void pixels instead
+        tags.pop("eval.tolerance_mm")
+        tags["eval.ignore_index"] = str(doc.get("ignore_index"))
     if "compare" in doc:
         tags["eval.compare_n_paired_cases"] = str(doc["compare"]["n_paired_cases"])
     return tags
