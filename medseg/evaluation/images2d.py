@@ -33,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from medseg.errors import InputError
 from medseg.evaluation.confusion import cm_scores, confusion_matrix
 from medseg.evaluation.outputs import json_safe, rows_to_csv, safe_name
-from medseg.evaluation.report import _Progress
+from medseg.evaluation.report import _Progress, match_cases
 from medseg.evaluation.stats import summarize
 from medseg.io.atomic import atomic_path, write_json_atomic, write_text_atomic
 from medseg.io.images2d.common import IMAGE_SUFFIXES, INDEX_MODES, VOID, open_image, read_index_label
@@ -50,23 +50,8 @@ def is_image_manifest(manifest: Manifest) -> bool:
 
 # ---- matching and sizes ---------------------------------------------------------------------------
 def match_images(pred_dir: Path, manifest: Manifest, split: str | None) -> tuple[list[tuple[str, Path, Path]], list[str]]:
-    """``(pairs, missing)``: (case id, prediction PNG, label) of every labelled case with a prediction, and
-    the ids of labelled cases (of ``split``) without one (mirrors ``report.match_cases``)."""
-    if not pred_dir.is_dir():
-        raise InputError(pred_dir, "prediction folder not found")
-    pairs, missing = [], []
-    for c in manifest.cases:
-        if c.label is None or (split is not None and c.split != split):
-            continue
-        p = pred_dir / f"{c.id}.png"
-        if p.is_file():
-            pairs.append((c.id, p, manifest.label_path(c)))
-        else:
-            missing.append(c.id)
-    if not pairs:
-        where = f" in split {split!r}" if split else ""
-        raise InputError(pred_dir, f"no predictions named <case id>.png match labelled cases{where} of {manifest.path}")
-    return pairs, missing  # type: ignore[return-value]
+    """``(pairs, missing)`` as ``report.match_cases``, for ``<case id>.png`` predictions."""
+    return match_cases(pred_dir, manifest, split, suffix=".png")
 
 
 def _header_size(path: Path) -> tuple[int, int]:

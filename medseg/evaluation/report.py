@@ -74,23 +74,24 @@ class CaseResult:
 
 
 # ---- matching and geometry ----------------------------------------------------------------------------
-def match_cases(pred_dir: Path, manifest: Manifest, split: str | None) -> tuple[list[tuple[str, Path, Path]], list[str]]:
-    """``(pairs, missing)``: (case id, prediction, truth) for every labelled case with a prediction, and the
-    ids of labelled cases (of ``split``) that have none."""
+def match_cases(pred_dir: Path, manifest: Manifest, split: str | None,
+                suffix: str = ".nii.gz") -> tuple[list[tuple[str, Path, Path]], list[str]]:
+    """``(pairs, missing)``: (case id, prediction ``<id><suffix>``, truth) for every labelled case with a
+    prediction, and the ids of labelled cases (of ``split``) that have none."""
     if not pred_dir.is_dir():
         raise InputError(pred_dir, "prediction folder not found")
     pairs, missing = [], []
     for c in manifest.cases:
         if c.label is None or (split is not None and c.split != split):
             continue
-        p = pred_dir / f"{c.id}.nii.gz"
+        p = pred_dir / f"{c.id}{suffix}"
         if p.is_file():
             pairs.append((c.id, p, manifest.label_path(c)))
         else:
             missing.append(c.id)
     if not pairs:
         where = f" in split {split!r}" if split else ""
-        raise InputError(pred_dir, f"no predictions named <case id>.nii.gz match labelled cases{where} of {manifest.path}")
+        raise InputError(pred_dir, f"no predictions named <case id>{suffix} match labelled cases{where} of {manifest.path}")
     return pairs, missing  # type: ignore[return-value]
 
 
