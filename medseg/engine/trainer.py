@@ -44,7 +44,7 @@ from medseg.engine import distributed as dist_utils
 from medseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medseg.engine.device import Precision, resolve_device, resolve_precision
 from medseg.engine.history import read_rows_csv, write_rows_csv
-from medseg.engine.validation import ValResult, validate, validate_images
+from medseg.engine.validation import CaseInference, ValResult, validate, validate_images
 from medseg.engine.schedules import build_optimizer, build_scheduler
 from medseg.errors import ConfigError, MedsegError
 from medseg.inference.model_package import save_package
@@ -225,13 +225,13 @@ class Trainer:
 
     def validate(self, with_hd95: bool = False, n_views: int = 0) -> ValResult:
         """Sliding-window validation on whole preprocessed val volumes; per-organ Dice/IoU (HD95) by name."""
-        if self.cfg.data.kind == "image2d":  # whole 2D images: pooled pixel accuracy, per-class IoU/Dice, mIoU
-            return validate_images(self.model, predictor_for(self.model, 2, volume_dims=2), self.val_ds, self.labels,
-                                   self.num_classes, self.loss_fn, self._window(), self.cfg.inference, self.device,
-                                   self.precision, self.cfg.data.ignore_index, n_views)
-        return validate(self.model, predictor_for(self.model, self.cfg.model.spatial_dims), self.val_ds, self.labels,
-                        self.num_classes, self.loss_fn, self._window(), self.cfg.inference, self.device, self.precision,
-                        with_hd95=with_hd95, n_views=n_views)
+        images = self.cfg.data.kind == "image2d"
+        predictor = predictor_for(self.model, 2, volume_dims=2) if images else predictor_for(self.model, self.cfg.model.spatial_dims)
+        run = CaseInference(self.model, predictor, self._window(), self.cfg.inference, self.device, self.precision)
+        if images:  # whole 2D images: pooled pixel accuracy, per-class IoU/Dice, mIoU
+            return validate_images(run, self.val_ds, self.labels, self.num_classes, self.loss_fn,
+                                   self.cfg.data.ignore_index, n_views)
+        return validate(run, self.val_ds, self.labels, self.num_classes, self.loss_fn, with_hd95=with_hd95, n_views=n_views)
 
     def _window(self) -> tuple[int, ...]:
         roi = self.cfg.roi_size

@@ -34,37 +34,43 @@ class ValResult:
     views: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
-def _case_logits(item: Mapping[str, Any], predictor: Callable[[torch.Tensor], torch.Tensor], window: tuple[int, ...],
-                 inf: InferenceConfig, device: torch.device, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 sliding-window logits (1, C, ...) of one validation case, and its label (1, 1, ...) on ``device``."""
-    image = item["image"].unsqueeze(0).to(device)
-    label = item["label"].unsqueeze(0).to(device)
-    with precision.autocast(device):
-        logits = sliding_window_inference(image, window, inf.sw_batch_size, predictor, overlap=inf.overlap, mode=inf.blend_mode)
-    return logits.float(), label
+@dataclass(frozen=True)
+class CaseInference:
+    """How a validation case becomes logits: the network, its sliding-window predictor, window and settings."""
+
+    model: torch.nn.Module
+    predictor: Callable[[torch.Tensor], torch.Tensor]
+    window: tuple[int, ...]
+    inf: InferenceConfig
+    device: torch.device
+    precision: Precision
+
+    def logits(self, item: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 sliding-window logits (1, C, ...) of one case, and its label (1, 1, ...) on the device."""
+        image = item["image"].unsqueeze(0).to(self.device)
+        label = item["label"].unsqueeze(0).to(self.device)
+        with self.precision.autocast(self.device):
+            logits = sliding_window_inference(image, self.window, self.inf.sw_batch_size, self.predictor,
+                                              overlap=self.inf.overlap, mode=self.inf.blend_mode)
+        return logits.float(), label
 
 
 @torch.inference_mode()
 def validate(
-    model: torch.nn.Module,
-    predictor: Callable[[torch.Tensor], torch.Tensor],
+    run: CaseInference,
     cases: Iterable[Mapping[str, Any]],
     labels: Mapping[str, int],
     num_classes: int,
     loss_fn: torch.nn.Module,
-    window: tuple[int, ...],
-    inf: InferenceConfig,
-    device: torch.device,
-    precision: Precision,
     with_hd95: bool = False,
     n_views: int = 0,
 ) -> ValResult:
     """Validate this rank's ``cases`` (dicts with image, label, id, index) and gather over ranks."""
-    model.eval()
+    run.model.eval()
     rows: list[dict[str, Any]] = []
     views: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
     for item in cases:
-        logits, label = _case_logits(item, predictor, window, inf, device, precision)
+        logits, label = run.logits(item)
         arg = logits.argmax(1, keepdim=True)
         pred, truth = one_hot(arg, num_classes), one_hot(label.long(), num_classes)
         dice = compute_dice(pred, truth, include_background=False, ignore_empty=False)[0].cpu().numpy()
@@ -107,16 +113,11 @@ def _nanmean(values: list[float]) -> float:
 
 @torch.inference_mode()
 def validate_images(
-    model: torch.nn.Module,
-    predictor: Callable[[torch.Tensor], torch.Tensor],
+    run: CaseInference,
     cases: Iterable[Mapping[str, Any]],
     labels: Mapping[str, int],
     num_classes: int,
     loss_fn: torch.nn.Module,
-    window: tuple[int, ...],
-    inf: InferenceConfig,
-    device: torch.device,
-    precision: Precision,
     ignore_index: int | None = None,
     n_views: int = 0,
 ) -> ValResult:
@@ -130,12 +131,12 @@ def validate_images(
     """
     from medseg.evaluation.confusion import cm_scores, confusion_matrix
 
-    model.eval()
+    run.model.eval()
     rows: list[dict[str, Any]] = []
     cms: list[np.ndarray] = []
     views: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
     for item in cases:
-        logits, label = _case_logits(item, predictor, window, inf, device, precision)
+        logits, label = run.logits(item)
         pred_np = logits.argmax(1)[0].cpu().numpy()
         truth_np = label[0, 0].cpu().numpy()
         cm = confusion_matrix(pred_np, truth_np, num_classes, ignore_index)

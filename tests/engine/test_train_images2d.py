@@ -17,7 +17,7 @@ from PIL import Image
 from medseg.config import CONFIG_DIR, InferenceConfig, load_config
 from medseg.engine.device import Precision
 from medseg.engine.trainer import Trainer
-from medseg.engine.validation import validate_images
+from medseg.engine.validation import CaseInference, validate_images
 from medseg.inference.images2d import ImagePredictor
 from medseg.inference.model_package import load_package
 from medseg.io.images2d import import_voc
@@ -136,9 +136,9 @@ def test_void_pixels_change_no_metric() -> None:
 
     def run(img: torch.Tensor, lab: torch.Tensor, ignore: int | None) -> dict[str, float]:
         cases = [{"image": img, "label": lab, "id": "x", "index": 0}]
-        return validate_images(model, model, cases, {"background": 0, "a": 1, "b": 2}, 3,
-                               build_loss("dice_ce", 3, ignore_index=ignore), (12, 16), InferenceConfig(),
-                               torch.device("cpu"), Precision(None, False), ignore_index=ignore).summary
+        run = CaseInference(model, model, (12, 16), InferenceConfig(), torch.device("cpu"), Precision(None, False))
+        return validate_images(run, cases, {"background": 0, "a": 1, "b": 2}, 3,
+                               build_loss("dice_ce", 3, ignore_index=ignore), ignore_index=ignore).summary
 
     base = run(image, label, 255)
     assert run(other, label, 255) == base
