@@ -41,7 +41,7 @@ from medseg.errors import InputError
 from medseg.inference.memory import return_freed_memory_to_os
 from medseg.inference.model_package import ModelPackage
 from medseg.inference.postprocess import postprocess
-from medseg.inference.preparation import (IntensityNormaliser, body_mask, expand_box, foreground_box, raw_body_box,
+from medseg.inference.preparation import (FOREGROUND_MARGIN, IntensityNormaliser, body_mask, expand_box, raw_body_box,
                                           raw_threshold, raw_window_box, spatial_transforms)
 from medseg.inference.sliding import WindowPredictor, model_channels_last, predictor_for
 from medseg.inference.streaming import streaming_sliding_window
@@ -143,7 +143,7 @@ class Predictor:
         if extent is None:  # no body at all: background everywhere, nothing to run
             self.last_windows = {"run": 0, "skipped": 0}
             return None
-        fg_box = foreground_box(x, self.cfg.data)
+        fg_box = expand_box([slice(lo, hi) for lo, hi in extent], size, FOREGROUND_MARGIN)  # training's crop box
         box = aligned_box(size, self.window, inf.overlap, extent) if inf.window_grid == "whole" else fg_box
         normalise = IntensityNormaliser(self.cfg, x, fg_box)
         crop = normalise(x[(slice(None), *box)])
@@ -208,19 +208,19 @@ class Predictor:
         self._check_finite(raw, name)
         shape = raw.shape[:3]
         whole = tuple(slice(0, n) for n in shape)
-        body = raw_body_box(raw, data_cfg, scale=scale) if data_cfg.crop_foreground else whole
+        # Windows stay raw: a window is body when it holds a voxel the foreground crop would keep.
+        threshold = raw_threshold(raw, data_cfg, scale) if data_cfg.crop_foreground else None
+        body = raw_body_box(raw, threshold) if threshold is not None else whole
         if body is None:  # no body at all: an empty mask
             self.last_windows = {"run": 0, "skipped": 0}
             return np.zeros(shape, dtype=np.uint8)
         # Without resampling, the crop keeps the whole scan's window grid (same answer as the standard path);
         # a resampled crop has its own sampling grid anyway, so it is just the training crop (margin 2), as is
         # window_grid "body".
-        stats_box = expand_box(body, shape, 2) if data_cfg.crop_foreground else whole
+        stats_box = expand_box(body, shape, FOREGROUND_MARGIN)
         exact = data_cfg.spacing is None and inf.window_grid == "whole"
         box = raw_window_box(body, shape, image.affine, data_cfg, self.window, inf.overlap) if exact else stats_box
         normalise = IntensityNormaliser(self.cfg, raw[None] if raw.ndim == 3 else np.moveaxis(raw, -1, 0), stats_box, scale)
-        # Windows stay raw: a window is body when it holds a voxel the foreground crop would keep.
-        threshold = raw_threshold(raw, data_cfg, scale) if data_cfg.crop_foreground else None
         affine = image.affine.copy()  # the crop is a view of the stored array, its affine moved to the box corner
         affine[:3, 3] = image.affine[:3, :3] @ np.array([b.start for b in box]) + image.affine[:3, 3]
         crop = nib.Nifti1Image(raw[box], affine)

@@ -20,13 +20,13 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai import transforms as mt
-from monai.transforms.utils import generate_spatial_bounding_box
 
 from medseg.config import Config, DataConfig
 from medseg.data.transforms import ForegroundAbove, preprocessing
 from medseg.inference.window_grid import aligned_box
 
 _NOT_SPATIAL = (mt.CropForegroundd, mt.ScaleIntensityRanged, mt.NormalizeIntensityd)
+FOREGROUND_MARGIN = 2  # voxels around the body that training's CropForegroundd keeps (data.transforms)
 STAT_SLAB = 32  # slices per step when statistics are gathered over a raw (int16) scan without a float copy
 
 
@@ -39,20 +39,14 @@ def spatial_transforms(data: DataConfig, keep_dtype: bool = False) -> mt.Compose
 
 
 def body_mask(x: torch.Tensor, data: DataConfig) -> torch.Tensor | None:
-    """Body voxels (spatial bool mask of channel 0) as the foreground crop selects them; None without a crop."""
+    """Body voxels (spatial bool mask) as the foreground crop selects them; None without a crop.
+
+    As ``CropForegroundd`` (``generate_spatial_bounding_box``): ``ForegroundAbove`` on all channels, any channel.
+    Its bounding box grown by ``FOREGROUND_MARGIN`` (``expand_box``) is the box training crops to.
+    """
     if not data.crop_foreground:
         return None
-    return torch.as_tensor(ForegroundAbove(data.foreground_threshold)(x[0]))
-
-
-def foreground_box(x: torch.Tensor, data: DataConfig) -> tuple[slice, ...]:
-    """The box ``CropForegroundd`` crops in training (margin 2), or the whole image without a crop."""
-    if not data.crop_foreground:
-        return tuple(slice(0, n) for n in x.shape[1:])
-    start, end = generate_spatial_bounding_box(x, ForegroundAbove(data.foreground_threshold), margin=2, allow_smaller=True)
-    if any(e <= s for s, e in zip(start, end)):  # no foreground: training would not crop either
-        return tuple(slice(0, n) for n in x.shape[1:])
-    return tuple(slice(int(s), int(e)) for s, e in zip(start, end))
+    return torch.as_tensor(ForegroundAbove(data.foreground_threshold)(x)).any(0)
 
 
 class IntensityNormaliser:
@@ -88,9 +82,9 @@ class IntensityNormaliser:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise a channel-first image (float32 out; a float32 input is normalised in place)."""
-        x = x.float()
+        x = x.float()  # a copy unless already float32
         if self.scale != (1.0, 0.0):
-            x = x.mul_(self.scale[0]).add_(self.scale[1]) if x.dtype == torch.float32 else x * self.scale[0] + self.scale[1]
+            x.mul_(self.scale[0]).add_(self.scale[1])
         return torch.as_tensor(self.transform(x))
 
     def windows(self, batch: torch.Tensor) -> torch.Tensor:
@@ -104,31 +98,24 @@ def raw_threshold(array: np.ndarray, data: DataConfig, scale: tuple[float, float
     ``scale`` is the stored values' (slope > 0, inter); without a configured threshold, the minimum is used.
     """
     if data.foreground_threshold is None:
-        return float((array if array.ndim == 3 else array[..., 0]).min())
+        return float(array.min())
     return (float(data.foreground_threshold) - scale[1]) / scale[0]
 
 
-def raw_body_box(array: np.ndarray, data: DataConfig, margin: int = 0,
-                 scale: tuple[float, float] = (1.0, 0.0)) -> tuple[slice, ...] | None:
-    """Bounding box (+ ``margin``) of the body on the raw scan array, slab by slab (no full-size mask); None if empty.
-
-    The body test is the foreground crop's (``ForegroundAbove``) on channel 0 of a (X, Y, Z[, C]) array.
-    """
-    vol = array if array.ndim == 3 else array[..., 0]
-    threshold = raw_threshold(array, data, scale)
-    hits = [np.zeros(n, dtype=bool) for n in vol.shape]
-    for z in range(0, vol.shape[2], STAT_SLAB):
-        body = vol[:, :, z:z + STAT_SLAB] > threshold
+def raw_body_box(array: np.ndarray, threshold: float) -> tuple[slice, ...] | None:
+    """Bounding box of the body (any channel above ``threshold``) of a raw (X, Y, Z[, C]) scan array, slab by
+    slab (no full-size mask); None if there is none."""
+    hits = [np.zeros(n, dtype=bool) for n in array.shape[:3]]
+    for z in range(0, array.shape[2], STAT_SLAB):
+        body = array[:, :, z:z + STAT_SLAB] > threshold
+        if body.ndim == 4:
+            body = body.any(axis=3)
         hits[0] |= body.any(axis=(1, 2))
         hits[1] |= body.any(axis=(0, 2))
         hits[2][z:z + STAT_SLAB] = body.any(axis=(0, 1))
     if not hits[0].any():
         return None
-    box = []
-    for axis, hit in enumerate(hits):
-        idx = np.flatnonzero(hit)
-        box.append(slice(max(int(idx[0]) - margin, 0), min(int(idx[-1]) + 1 + margin, vol.shape[axis])))
-    return tuple(box)
+    return tuple(slice(int(np.flatnonzero(h)[0]), int(np.flatnonzero(h)[-1]) + 1) for h in hits)
 
 
 def expand_box(box: Sequence[slice], shape: Sequence[int], margin: int) -> tuple[slice, ...]:

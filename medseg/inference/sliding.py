@@ -94,7 +94,7 @@ class WindowPredictor:
         self.net_batch = net_batch  # at most this many windows per network call (None: the whole batch)
         self.num_classes = num_classes
         self.body = body
-        self.body_above = body_above  # raw windows: body = any channel-0 value above this (no mask held)
+        self.body_above = body_above  # raw windows: body = any value (any channel) above this (no mask held)
         self.mirror_dims = [2 + int(a) for a in mirror_axes]
         self.prepare = prepare
         self.windows_run = 0
@@ -112,7 +112,7 @@ class WindowPredictor:
         if self.body is not None:
             keep = [i for i, c in enumerate(coords) if not self.body.skips(c[2:])]
         elif self.body_above is not None:
-            keep = torch.nonzero((x[:, 0] > self.body_above).flatten(1).any(1)).flatten().tolist()
+            keep = torch.nonzero((x > self.body_above).flatten(1).any(1)).flatten().tolist()
         else:
             keep = list(range(len(coords)))
         self.windows_run += len(keep)

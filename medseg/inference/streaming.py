@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from monai.data.utils import compute_importance_map
 
-from medseg.inference.window_grid import grid_starts
+from medseg.inference.window_grid import grid_starts, roi_padding
 
 EMIT_SLAB = 4  # slices handed to ``emit`` at a time
 Emit = Callable[[int, torch.Tensor], None]  # (first slice index along the last axis, logits (C, *spatial[:-1], n))
@@ -41,10 +41,8 @@ def streaming_sliding_window(image: torch.Tensor, roi: Sequence[int], sw_batch_s
     spatial = list(image.shape[1:])
     roi = [int(r) for r in roi]
     # Axes shorter than the ROI are padded symmetrically with zeros, as MONAI does (rare for large scans).
-    pad_before = [max(r - n, 0) // 2 for n, r in zip(spatial, roi)]
-    pad = []
-    for n, r, b in zip(reversed(spatial), reversed(roi), reversed(pad_before)):
-        pad += [b, max(r - n, 0) - b]
+    pad = roi_padding(spatial, roi)
+    pad_before = pad[::2][::-1]  # per axis, first axis first
     x = F.pad(image, pad) if any(pad) else image
     size = list(x.shape[1:])
     starts = grid_starts(size, roi, overlap)

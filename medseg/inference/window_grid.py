@@ -25,6 +25,16 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers.utils import _get_scan_interval
 
 
+def roi_padding(spatial: Sequence[int], roi: Sequence[int]) -> list[int]:
+    """``F.pad`` amounts (last axis first) by which ``sliding_window_inference`` pads axes shorter than the ROI:
+    symmetric, the odd voxel after."""
+    pad: list[int] = []
+    for n, r in zip(reversed(list(spatial)), reversed(list(roi))):
+        diff = max(int(r) - int(n), 0)
+        pad += [diff // 2, diff - diff // 2]
+    return pad
+
+
 def grid_starts(size: Sequence[int], roi: Sequence[int], overlap: float) -> list[list[int]]:
     """Window start indices per spatial axis, exactly as ``sliding_window_inference`` places them.
 
@@ -78,10 +88,7 @@ class BodyWindows:
 
     def __init__(self, body: np.ndarray | torch.Tensor, roi: Sequence[int]) -> None:
         b = torch.as_tensor(np.asarray(body, dtype=bool))
-        pad: list[int] = []
-        for n, r in zip(reversed(b.shape), reversed(list(roi))):
-            diff = max(int(r) - int(n), 0)
-            pad += [diff // 2, diff - diff // 2]
+        pad = roi_padding(b.shape, roi)
         self.body = torch.nn.functional.pad(b, pad) if any(pad) else b
 
     def skips(self, spatial: Sequence[slice]) -> bool:
