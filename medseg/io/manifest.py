@@ -174,6 +174,13 @@ def _file_ending(cases: list[Case]) -> str:
     return next((suf for suf in _SUFFIXES if name.endswith(suf)), ".nii.gz")
 
 
+# Class names become metric names (dice_<class>, iou_<class>) in MLflow, CSVs and plots: MLflow accepts only
+# these characters in metric names, and "mean" would collide with the class averages. Checked at load time so a
+# bad name fails before training, not at the first validation epoch.
+CLASS_NAME = re.compile(r"[A-Za-z0-9_\-. ]+")
+RESERVED_CLASS_NAMES = frozenset({"mean"})
+
+
 def _parse_labels(raw: Any, src: Path) -> dict[str, int]:
     if not isinstance(raw, dict) or not raw:
         raise InputError(src, "'labels' must be a non-empty mapping")
@@ -192,6 +199,13 @@ def _parse_labels(raw: Any, src: Path) -> dict[str, int]:
         raise InputError(src, "'labels' must contain background with value 0")
     if min(values) < 0:
         raise InputError(src, "'labels' values must be >= 0")
+    for name in labels:
+        if name.strip().lower() in RESERVED_CLASS_NAMES:
+            raise InputError(src, f"class name {name!r} is reserved: per-class metrics (dice_<class>, iou_<class>) "
+                                  f"would collide with the averages dice_mean / iou_mean; rename the class")
+        if not CLASS_NAME.fullmatch(name):
+            raise InputError(src, f"class name {name!r} cannot name a metric: use letters, digits, space, '_', '-', '.' "
+                                  f"(per-class metrics are logged to MLflow as dice_<class>)")
     return labels
 
 

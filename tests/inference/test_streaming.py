@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import pytest
 import torch
 from monai.inferers import sliding_window_inference
@@ -127,3 +128,25 @@ def test_body_windows_pad_like_monai() -> None:
     bw = BodyWindows(body, (16, 16, 8))  # axis 0 padded 3+3, axis 2 padded 1+2
     assert bw.body.shape == (16, 20, 8) and bool(bw.body[3, 0, 1])
     assert not bw.skips([slice(0, 16), slice(0, 16), slice(0, 8)]) and bw.skips([slice(0, 16), slice(4, 20), slice(0, 8)])
+
+
+def test_body_window_test_and_extent_match_the_direct_reading() -> None:
+    """The separable window test (a plane per last-axis range) and the two-pass extent agree with reading
+    each window's block / each axis directly, for 3D windows and slice-wise (depth 1) windows."""
+    g = torch.Generator().manual_seed(0)
+    body = torch.rand(40, 30, 20, generator=g) < 0.002
+    bw = BodyWindows(body, (16, 16, 8))
+    answers = set()
+    for x0, y0, z0 in itertools.product(range(0, 25, 3), range(0, 15, 3), range(0, 13, 2)):
+        for depth in (1, 8):
+            window = (slice(x0, x0 + 16), slice(y0, y0 + 16), slice(z0, z0 + depth))
+            answers.add(bw.skips(window))
+            assert bw.skips(window) == (not bool(body[window].any()))
+    assert answers == {True, False}
+    for shape, p in [((7, 9), 0.05), ((6, 8, 10), 0.01), ((6, 8, 10), 0.0), ((3, 6, 8, 10), 0.02)]:
+        b = torch.rand(shape, generator=g) < p
+        direct = []
+        for axis in range(b.ndim):
+            hit = torch.nonzero(b.any(dim=[a for a in range(b.ndim) if a != axis])).flatten()
+            direct.append((int(hit[0]), int(hit[-1]) + 1) if hit.numel() else None)
+        assert body_extent(b) == (None if None in direct else direct)

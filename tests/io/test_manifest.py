@@ -52,6 +52,11 @@ def test_paths_cannot_escape_root(tmp_path: Path, bad: str) -> None:
         load_manifest(p)
 
 
+def test_class_names_with_spaces_dots_and_dashes_load(tmp_path: Path) -> None:
+    labels = {"background": 0, "traffic light": 1, "left-kidney": 2, "T1.lesion": 3}
+    assert load_manifest(_write(tmp_path, {"labels": labels})).labels == labels
+
+
 def test_msd_v1_labels_and_modality(tmp_path: Path) -> None:
     p = _write(tmp_path, {"labels": {"0": "background", "1": "tumour"}, "modality": {"0": "MR"},
                           "training": [{"image": "./imagesTr/x_001.nii.gz", "label": "./labelsTr/x_001.nii.gz"}],
@@ -70,6 +75,8 @@ def test_msd_v1_labels_and_modality(tmp_path: Path) -> None:
         ({"labels": {"background": 0}, "training": [{"image": "a.nii.gz"}, {"image": "b/a.nii.gz"}]}, "duplicate case ids"),
         ({"labels": {"background": 0}, "training": [{"label": "a.nii.gz"}]}, "needs an 'image'"),
         ({"labels": {"background": 0}, "training": [{"image": "a.nii.gz", "split": "holdout"}]}, "split 'holdout'"),
+        ({"labels": {"background": 0, "Mean": 1}}, "'Mean' is reserved"),
+        ({"labels": {"background": 0, "liver+tumour": 1}}, "'liver\\+tumour' cannot name a metric"),
     ],
 )
 def test_manifest_structure_errors(tmp_path: Path, doc: dict, fragment: str) -> None:
