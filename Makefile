@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medseg-installed
 
-.PHONY: setup demo test test-slow benchmarks clean
+.PHONY: setup demo test test-slow test-gpu benchmarks clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+test-gpu: setup  # on a CUDA server: AMP training, GPU inference vs CPU, NCCL torchrun
+	$(PY) -m pytest -q -m gpu tests/test_gpu.py
 
 clean:
 	rm -rf demo_run .pytest_cache
