@@ -44,10 +44,12 @@ from medseg.inference.postprocess import postprocess
 from medseg.inference.preparation import (FOREGROUND_MARGIN, IntensityNormaliser, body_mask, expand_box, raw_body_box,
                                           raw_threshold, raw_window_box, spatial_transforms)
 from medseg.inference.sliding import WindowPredictor, model_channels_last, predictor_for
+from medseg.inference.slab_resample import lazy_geometry, resample_in_slabs, spacing_settings
 from medseg.inference.streaming import streaming_sliding_window
 from medseg.inference.window_grid import BodyWindows, aligned_box, body_extent
 from medseg.io.nifti import load_nifti, read_array, read_unscaled, save_like, voxel_spacing
 
+STORED_INTEGERS = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.int32))  # kept as is when resampled
 SOFTMAX_SLAB = 16  # slices per softmax step when logits become probabilities
 FINITE_SLAB = 32  # slices per step when a raw float scan is checked for NaN/inf without a full-size mask
 
@@ -223,15 +225,23 @@ class Predictor:
         normalise = IntensityNormaliser(self.cfg, raw[None] if raw.ndim == 3 else np.moveaxis(raw, -1, 0), stats_box, scale)
         affine = image.affine.copy()  # the crop is a view of the stored array, its affine moved to the box corner
         affine[:3, 3] = image.affine[:3, :3] @ np.array([b.start for b in box]) + image.affine[:3, 3]
-        crop = nib.Nifti1Image(raw[box], affine)
+        source = raw[box][None] if raw.ndim == 3 else np.moveaxis(raw[box], -1, 0)  # channel-first view, no copy
         del raw
-        data = self._from_image(crop, str(name), raw=True)
-        x: MetaTensor = data["image"]
-        xt = x.as_tensor()
         # On the CPU the network's activations are process memory: one window per call (eval-mode networks give
         # the same output per window either way); on a GPU they are not, and windows stay batched.
         wp = self._window_predictor(body_above=threshold, prepare=normalise.windows,
                                     net_batch=1 if self.device.type == "cpu" else None)
+        labels = np.zeros(image.shape[:3], dtype=np.uint8)
+        if data_cfg.spacing is not None:  # resampled model: to its grid and back slab by slab (``slab_resample``)
+            self._bounded_resampled(source, affine, wp, torch.from_numpy(labels[box])[None])
+        else:
+            labels[box] = self._bounded_oriented(source, affine, str(name), wp)
+        self.last_windows = {"run": wp.windows_run, "skipped": wp.windows_skipped}
+        return labels
+
+    def _stream_labels(self, xt: torch.Tensor, wp: WindowPredictor) -> torch.Tensor:
+        """uint8 label map of a channel-first raw scan on the model's grid, blended slab by slab."""
+        inf = self.cfg.inference
         out = torch.zeros(xt.shape[1:], dtype=torch.uint8)
 
         def emit(z0: int, logits: torch.Tensor) -> None:
@@ -240,17 +250,35 @@ class Predictor:
         with self.precision.autocast(self.device):
             streaming_sliding_window(xt, self.window, inf.sw_batch_size, wp, self.num_classes, emit, overlap=inf.overlap,
                                      mode=inf.blend_mode, sw_device=self.device, acc_dtype=torch.float16)
-        self.last_windows = {"run": wp.windows_run, "skipped": wp.windows_skipped}
+        return out
+
+    def _bounded_oriented(self, source: np.ndarray, affine: np.ndarray, name: str, wp: WindowPredictor) -> np.ndarray:
+        """No resampling: MONAI's orientation on the raw crop, streamed labels, ``Invertd`` (nearest) back."""
+        crop = nib.Nifti1Image(source[0] if source.shape[0] == 1 else np.moveaxis(source, 0, -1), affine)
+        data = self._from_image(crop, name, raw=True)
+        x: MetaTensor = data["image"]
+        out = self._stream_labels(x.as_tensor(), wp)
         data["image"] = MetaTensor(torch.empty(0), meta=x.meta, applied_operations=x.applied_operations)
-        del x, xt  # the cropped scan is no longer needed
+        del x  # the oriented scan is no longer needed
         data["pred"] = MetaTensor(out[None], meta=data["image"].meta, applied_operations=data["image"].applied_operations)
         del out
         restored = self.invert_labels(data)["pred"]
-        del data  # the preprocessed-grid label map goes before the full-size one is filled
+        del data  # the preprocessed-grid label map goes before the caller fills the full-size one
         restored = restored.as_tensor() if isinstance(restored, MetaTensor) else torch.as_tensor(restored)
-        labels = np.zeros(image.shape[:3], dtype=np.uint8)
-        labels[box] = restored[0].round().to(torch.uint8).numpy() if restored.dtype.is_floating_point else restored[0].numpy()
-        return labels
+        return restored[0].round().to(torch.uint8).numpy() if restored.dtype.is_floating_point else restored[0].numpy()
+
+    def _bounded_resampled(self, source: np.ndarray, affine: np.ndarray, wp: WindowPredictor, target: torch.Tensor) -> None:
+        """Resampled model: the raw crop is resampled to the model's grid slab by slab (kept in its stored integer
+        type, rounded: at most half a stored unit, e.g. 0.5 HU), labels are streamed there and resampled back
+        (nearest) slab by slab into ``target`` (1, *crop shape), a view of the output mask."""
+        settings = spacing_settings(self.spatial_raw)
+        probe = MetaTensor(torch.zeros(1).expand(source.shape), affine=torch.as_tensor(affine))  # shape only, no memory
+        grid_affine, grid_shape = lazy_geometry(self.spatial_raw_in_memory, probe)
+        keep = torch.from_numpy(np.empty(0, dtype=source.dtype)).dtype if source.dtype in STORED_INTEGERS else torch.float32
+        xt = resample_in_slabs(source, affine, grid_affine, grid_shape, out_dtype=keep, **settings)
+        out = self._stream_labels(xt, wp)
+        del xt
+        resample_in_slabs(out[None], grid_affine, affine, target.shape[1:], out=target, **{**settings, "mode": "nearest"})
 
     def probabilities(self, image_paths: list[Path]) -> tuple[torch.Tensor, nib.Nifti1Image]:
         """Class probabilities (C, *input_shape) in the input's voxel grid, and the input header."""

@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai import transforms as mt
+from monai.data import MetaTensor
 
 from medseg.config import Config, DataConfig
 from medseg.data.transforms import ForegroundAbove, preprocessing
@@ -85,7 +86,10 @@ class IntensityNormaliser:
         x = x.float()  # a copy unless already float32
         if self.scale != (1.0, 0.0):
             x.mul_(self.scale[0]).add_(self.scale[1])
-        return torch.as_tensor(self.transform(x))
+        out = self.transform(x)
+        # MONAI's array transforms return MetaTensors; a window fed to the network as one pays MetaTensor's
+        # __torch_function__ on every layer: a plain tensor (the same memory) goes on.
+        return out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
 
     def windows(self, batch: torch.Tensor) -> torch.Tensor:
         """Normalise a (B, C, ...) batch of raw windows."""
