@@ -147,15 +147,29 @@ def data_validate(manifest: Path) -> None:
 def data_plan(manifest: Path, out: Annotated[Optional[Path], typer.Option(help="plans JSON (default MANIFEST_STEM.plans.json beside it)")] = None,
               split: Annotated[Optional[list[str]], typer.Option(help="split(s) to plan from (repeatable)")] = None,
               max_cases: Annotated[Optional[int], typer.Option(min=1, help="only the first N cases (quick look)")] = None,
-              max_patch_voxels: Annotated[int, typer.Option(min=64, help="patch voxel budget")] = 96 * 96 * 64) -> None:
-    """Fingerprint the training cases (spacing, shape, intensities, classes) and print suggested overrides."""
-    from medseg.planning import plan_dataset, plans_path_for
+              max_patch_voxels: Annotated[Optional[int], typer.Option(min=64, help="patch voxel budget (default 96*96*64; 2D images: pixels, default 256*256)")] = None,
+              ignore_index: Annotated[Optional[int], typer.Option(min=0, max=255, help="2D images only: label value of void pixels (default 255)")] = None) -> None:
+    """Fingerprint the training cases (spacing, shape, intensities, classes) and print suggested overrides.
+    For 2D images: sizes, RGB statistics, void share, class frequencies and median-frequency class weights."""
+    from medseg.io.atomic import write_json_atomic
+    from medseg.io.manifest import load_manifest
+    from medseg.planning import DEFAULT_MAX_PATCH_VOXELS, plan_dataset, plans_path_for
+    from medseg.planning_images import DEFAULT_MAX_PATCH_PIXELS, VOID, describe, plan_images
 
     target = out or plans_path_for(manifest)
-    doc = plan_dataset(manifest, target, tuple(split or ["train"]), max_cases, max_patch_voxels)
-    p = doc["plans"]
-    typer.echo(f"wrote {target}: {doc['fingerprint']['n_cases']} cases, median shape {p['median_shape_at_target']}, "
-               f"median spacing {p['median_spacing']}, {p['network_downsamplings']} downsamplings")
+    m = load_manifest(manifest)
+    if m.holds_images:
+        doc = plan_images(m, tuple(split or ["train"]), max_cases, max_patch_voxels or DEFAULT_MAX_PATCH_PIXELS,
+                          VOID if ignore_index is None else ignore_index)
+        write_json_atomic(target, doc)
+        typer.echo(describe(doc, target))
+    else:
+        if ignore_index is not None:
+            raise MedsegError("--ignore-index applies to 2D image manifests only")
+        doc = plan_dataset(manifest, target, tuple(split or ["train"]), max_cases, max_patch_voxels or DEFAULT_MAX_PATCH_VOXELS)
+        p = doc["plans"]
+        typer.echo(f"wrote {target}: {doc['fingerprint']['n_cases']} cases, median shape {p['median_shape_at_target']}, "
+                   f"median spacing {p['median_spacing']}, {p['network_downsamplings']} downsamplings")
     typer.echo("suggested overrides: " + " ".join(doc["overrides"]))
 
 
@@ -196,7 +210,7 @@ def train(
 @app.command()
 def predict(
     model: Annotated[str, typer.Option(help="model package folder, run folder, or models:/NAME/VERSION, runs:/ID/model")],
-    input: Annotated[Path, typer.Option("--input", help="NIfTI file, folder of NIfTI files, manifest .json, or folder of DICOM series")],
+    input: Annotated[Path, typer.Option("--input", help="NIfTI file, folder of NIfTI files, manifest .json, folder of DICOM series, or PNG/JPG image(s) for 2D image models")],
     output: Annotated[Path, typer.Option(help="output folder")],
     split: Annotated[Optional[str], typer.Option(help="with a manifest: only this split")] = None,
     device: str = "auto",
@@ -204,22 +218,16 @@ def predict(
     shard: Annotated[Optional[str], typer.Option(help="I/N: process only shard I of N (0-based); default under torchrun: RANK/WORLD_SIZE")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="inference.KEY=VALUE override, e.g. inference.memory_bounded=true")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow URI for models:/ and runs:/ references and --mlflow-experiment")] = None,
-    save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="also write <id>_probs.nii.gz (softmax, uint8 steps of 1/255, classes on the last axis)")] = False,
+    save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="also write <id>_probs.nii.gz (softmax, uint8 steps of 1/255, classes on the last axis); 2D images: <id>_probs.npy, uint8 (C, H, W)")] = False,
     mlflow_experiment: Annotated[Optional[str], typer.Option(help="log one MLflow run per batch/shard (counts, timing; no case ids or file names)")] = None,
 ) -> None:
-    """Segment scans; masks (and DICOM-SEG for DICOM series) in each scan's own geometry. Exit 3 if some cases failed."""
+    """Segment scans or 2D images; masks (and DICOM-SEG for DICOM series) in each input's own geometry. Exit 3 if some cases failed."""
     from medseg.inference.shard import parse_shard, select_shard, shard_from_env
 
     try:  # checked before the heavy imports: a usage error should be quick
         shard_ix = parse_shard(shard) if shard else shard_from_env()
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--shard") from None
-    from medseg.inference.images2d import is_image_input
-
-    if is_image_input(input):  # 2D natural images (PNG/JPG): their own, simpler path
-        _predict_images(model, input, output, split, device, resume, set_ or [], tracking_uri,
-                        unsupported=bool(shard or save_probabilities or mlflow_experiment))
-        return
     from medseg.inference.batch import check_probabilities_option, discover_inputs, run_batch
     from medseg.inference.model_package import load_package
     from medseg.inference.options import apply_inference_overrides
@@ -246,24 +254,6 @@ def predict(
         raise typer.Exit(report.exit_code)
 
 
-def _predict_images(model: str, input: Path, output: Path, split: Optional[str], device: str, resume: bool,
-                    overrides: list[str], tracking_uri: Optional[str], unsupported: bool) -> None:
-    from medseg.inference.images2d import discover_images, predict_images
-    from medseg.inference.model_package import load_package
-    from medseg.inference.options import apply_inference_overrides
-
-    if unsupported:
-        raise MedsegError("--shard, --save-probabilities and --mlflow-experiment are not supported for 2D images yet")
-    items = discover_images(input, split)
-    package = apply_inference_overrides(load_package(model, tracking_uri), overrides)
-    report = predict_images(package, items, output, device=device, resume=resume)
-    typer.echo(f"{len(report.done)} predicted, {len(report.skipped)} already done, {len(report.failed)} failed -> {output}")
-    for cid, err in report.failed.items():
-        typer.echo(f"  failed {cid}: {err}", err=True)
-    if report.exit_code:
-        raise typer.Exit(report.exit_code)
-
-
 def _local_rank() -> Optional[int]:
     import os
 
@@ -276,7 +266,7 @@ def evaluate(
     manifest: Annotated[Path, typer.Option(help="manifest with the ground truth")],
     out: Annotated[Optional[Path], typer.Option(help="output folder (default PRED/evaluation)")] = None,
     split: Annotated[Optional[str], typer.Option(help="only cases of this split (train/val/test)")] = None,
-    tolerance_mm: Annotated[float, typer.Option(min=0.0, help="NSD tolerance in mm")] = 2.0,
+    tolerance_mm: Annotated[Optional[float], typer.Option(min=0.0, help="NSD tolerance in mm (volumes; default 2)")] = None,
     workers: Annotated[int, typer.Option(min=1, help="parallel processes over cases")] = 1,
     compare: Annotated[Optional[Path], typer.Option(help="second prediction folder: paired differences, Wilcoxon p")] = None,
     lesions: Annotated[bool, typer.Option("--lesions", help="add lesion-wise precision/recall/F1/count error")] = False,
@@ -292,8 +282,8 @@ def evaluate(
     from medseg.io.manifest import load_manifest
 
     images = is_image_manifest(load_manifest(manifest))
-    if images and (compare or lesions):
-        raise MedsegError("--compare and --lesions are not supported for 2D image manifests")
+    if images and (compare or lesions or tolerance_mm is not None):
+        raise MedsegError("--compare, --lesions and --tolerance-mm are not supported for 2D image manifests")
     if not images and ignore_index is not None:
         raise MedsegError("--ignore-index applies to 2D image manifests only")
     if mlflow_run_id and mlflow_experiment:
@@ -310,7 +300,8 @@ def evaluate(
         doc = evaluate_images(pred, manifest, out_dir, split=split, ignore_index=255 if ignore_index is None else ignore_index,
                               progress=sys.stderr.isatty())
     else:
-        doc = run_eval(pred, manifest, out_dir, split=split, tolerance_mm=tolerance_mm, workers=workers, lesions=lesions,
+        doc = run_eval(pred, manifest, out_dir, split=split, tolerance_mm=2.0 if tolerance_mm is None else tolerance_mm,
+                       workers=workers, lesions=lesions,
                        compare_dir=compare, progress=sys.stderr.isatty())
     _print_summary(doc)
     typer.echo(f"outputs: {out_dir}")

@@ -36,7 +36,7 @@ from medseg.evaluation.outputs import json_safe, rows_to_csv, safe_name
 from medseg.evaluation.report import _Progress, match_cases
 from medseg.evaluation.stats import summarize
 from medseg.io.atomic import atomic_path, write_json_atomic, write_text_atomic
-from medseg.io.images2d.common import IMAGE_SUFFIXES, INDEX_MODES, VOID, open_image, read_index_label
+from medseg.io.images2d.common import INDEX_MODES, VOID, open_image, read_index_label
 from medseg.io.manifest import Manifest, load_manifest
 
 PER_IMAGE_SUMMARIZED = ("pixel_accuracy", "miou", "dice_mean")
@@ -45,7 +45,7 @@ PER_IMAGE_SUMMARIZED = ("pixel_accuracy", "miou", "dice_mean")
 
 def is_image_manifest(manifest: Manifest) -> bool:
     """Whether the manifest holds 2D images (PNG/JPG), as ``medseg data validate`` decides."""
-    return bool(manifest.cases) and manifest.cases[0].image[0].lower().endswith(IMAGE_SUFFIXES)
+    return manifest.holds_images
 
 
 # ---- matching and sizes ---------------------------------------------------------------------------

@@ -1,12 +1,14 @@
-"""Batch prediction: many scans, one model load, resumable, and one bad scan never stops the rest.
+"""Batch prediction: many scans or images, one model load, resumable, and one bad input never stops the rest.
 
-Inputs are NIfTI files (a file, a folder, a manifest) or DICOM series found recursively in a folder.
-For each case the mask ``<id>.nii.gz`` (and for DICOM the DICOM-SEG ``<id>.seg.dcm``) is written first,
-and with ``save_probabilities`` the class probabilities ``<id>_probs.nii.gz``,
-then ``<id>.json`` (status, organ volumes, runtime, peak memory, model, input checksum, warnings,
-outputs). All writes are atomic; the JSON is the completion marker, so ``resume`` skips exactly the cases
-whose JSON says ok and whose listed outputs exist. A failing case gets a JSON with its error. At the end
-``summary.csv`` is rebuilt from every case JSON in the folder, so it is right after a resume or shards.
+Inputs are NIfTI files (a file, a folder, a manifest), DICOM series found recursively in a folder, or 2D
+PNG/JPG images (a file, a folder, a 2D-image manifest) for ``data.kind: image2d`` models; a model given the
+other kind is a one-line error. For each case the mask ``<id>.nii.gz`` (for DICOM also the DICOM-SEG
+``<id>.seg.dcm``; for an image ``<id>.png``) is written first, and with ``save_probabilities`` the class
+probabilities ``<id>_probs.nii.gz`` (images: ``<id>_probs.npy``, see ``images2d``),
+then ``<id>.json`` (status, organ volumes or, for images, class pixel counts, runtime, peak memory, model,
+input checksum, warnings, outputs). All writes are atomic; the JSON is the completion marker, so ``resume``
+skips exactly the cases whose JSON says ok and whose listed outputs exist. A failing case gets a JSON with its
+error. At the end ``summary.csv`` is rebuilt from every case JSON in the folder, so it is right after a resume or shards.
 With ``mlflow_experiment`` one MLflow run per call (per shard) records counts and timing only
 (``medseg.inference.batch_tracking``: no case ids, file names or errors).
 """
@@ -27,6 +29,8 @@ from typing import Any
 
 from medseg.errors import InputError, MedsegError
 from medseg.inference.dicom_input import load_series_image, series_sha256, write_series_seg
+from medseg.inference.images2d import (IMAGE_MASK_SUFFIX, IMAGE_PROBS_SUFFIX, ImagePredictor, check_model_kind,
+                                       discover_images, is_image_file, is_image_input, predict_image_case)
 from medseg.inference.memory import PeakMemory
 from medseg.inference.model_package import ModelPackage
 from medseg.inference.predictor import Prediction, Predictor, organ_volumes, save_probabilities_like
@@ -43,11 +47,18 @@ SUMMARY = "summary.csv"
 
 @dataclass(frozen=True)
 class InputCase:
-    """A scan to segment: an id (output file stem) and its image file(s), or a DICOM series."""
+    """A scan or 2D image to segment: an id (output file stem) and its image file(s), or a DICOM series."""
 
     id: str
     images: tuple[Path, ...]
     series: SeriesInfo | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def kind(self) -> str:
+        """``dicom``, ``image2d`` (a PNG/JPG file) or ``nifti``."""
+        if self.series is not None:
+            return "dicom"
+        return "image2d" if is_image_file(self.images[0]) else "nifti"
 
 
 @dataclass
@@ -74,7 +85,8 @@ def _is_nifti(p: Path) -> bool:
 
 
 def discover_inputs(source: str | Path, split: str | None = None) -> list[InputCase]:
-    """A NIfTI file, a folder of NIfTI files, a manifest (``.json``; optionally one split), or a DICOM folder.
+    """A NIfTI file, a folder of NIfTI files, a manifest (``.json``; optionally one split), a DICOM folder,
+    or 2D images (a PNG/JPG file, a folder of them, a 2D-image manifest; ids as ``discover_images``).
 
     A folder with NIfTI files directly inside is a NIfTI folder; otherwise it is searched recursively for
     DICOM series (one case per SeriesInstanceUID, id ``SeriesInfo.case_id``).
@@ -82,6 +94,8 @@ def discover_inputs(source: str | Path, split: str | None = None) -> list[InputC
     src = Path(source)
     if not src.exists():
         raise InputError(src, "input not found")
+    if src.suffix.lower() != ".json" and is_image_input(src):  # a manifest of images is read below like any other
+        return [InputCase(cid, (path,)) for cid, path in discover_images(src, split)]
     if src.is_file() and src.suffix == ".json":
         m = load_manifest(src)
         cases = [c for c in m.cases if split is None or c.split == split]
@@ -115,10 +129,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def probabilities_name(case: InputCase) -> str:
+    """File name of a case's class probabilities (``<id>_probs.nii.gz``; 2D images ``<id>_probs.npy``)."""
+    return f"{case.id}{IMAGE_PROBS_SUFFIX if case.kind == 'image2d' else PROBS_SUFFIX}"
+
+
 def outputs_of(case: InputCase, probabilities: bool = False) -> list[str]:
     """File names a finished case leaves (the JSON record is written after them)."""
-    return ([f"{case.id}{MASK_SUFFIX}"] + ([f"{case.id}{SEG_SUFFIX}"] if case.series is not None else [])
-            + ([f"{case.id}{PROBS_SUFFIX}"] if probabilities else []))
+    names = [f"{case.id}{IMAGE_MASK_SUFFIX if case.kind == 'image2d' else MASK_SUFFIX}"]
+    names += [f"{case.id}{SEG_SUFFIX}"] if case.series is not None else []
+    return names + ([probabilities_name(case)] if probabilities else [])
 
 
 def is_complete(out_dir: Path, case_id: str, outputs: list[str] | None = None) -> bool:
@@ -167,9 +187,13 @@ def _warning_text(w: warnings.WarningMessage) -> str:
     return f"{w.category.__name__}: {str(w.message).splitlines()[0][:300]}"
 
 
-def _predict_case(predictor: Predictor, case: InputCase, out: Path, package: ModelPackage,
-                  model: dict[str, Any], probabilities: bool = False) -> tuple[Prediction, dict[str, Any]]:
-    """Read, predict and write one case's outputs; returns the prediction and the record fields."""
+def _predict_case(predictor: Predictor | ImagePredictor, case: InputCase, out: Path, package: ModelPackage,
+                  model: dict[str, Any], probabilities: bool = False) -> dict[str, Any]:
+    """Read, predict and write one case's outputs; returns the record fields of a finished case."""
+    if isinstance(predictor, ImagePredictor):
+        probs = out / probabilities_name(case) if probabilities else None
+        fields = predict_image_case(predictor, case.images[0], out / outputs_of(case)[0], probs, package.labels)
+        return {**fields, "input_sha256": sha256_file(case.images[0])}
     if case.series is not None:
         image = load_series_image(case.series)
         pred = predictor.predict(image, name=str(case.series.folder), with_probabilities=probabilities)
@@ -177,12 +201,15 @@ def _predict_case(predictor: Predictor, case: InputCase, out: Path, package: Mod
         save_label_like(pred.labels, pred.reference, out / f"{case.id}{MASK_SUFFIX}")
         write_series_seg(pred.labels, case.series, package.labels, out / f"{case.id}{SEG_SUFFIX}",
                          model["name"], model["version"])
-        return pred, {"input_sha256": series_sha256(case.series), "n_slices": case.series.n_slices,
-                      "modality": case.series.modality}
-    pred = predictor.predict(list(case.images), with_probabilities=probabilities)
-    _save_probabilities(pred, out / f"{case.id}{PROBS_SUFFIX}")
-    save_label_like(pred.labels, pred.reference, out / f"{case.id}{MASK_SUFFIX}")
-    return pred, {"input_sha256": sha256_file(case.images[0])}
+        extra = {"input_sha256": series_sha256(case.series), "n_slices": case.series.n_slices,
+                 "modality": case.series.modality}
+    else:
+        pred = predictor.predict(list(case.images), with_probabilities=probabilities)
+        _save_probabilities(pred, out / f"{case.id}{PROBS_SUFFIX}")
+        save_label_like(pred.labels, pred.reference, out / f"{case.id}{MASK_SUFFIX}")
+        extra = {"input_sha256": sha256_file(case.images[0])}
+    return {"seconds": round(pred.seconds, 3), "shape": list(pred.labels.shape),
+            "organs": organ_volumes(pred.labels, pred.reference, package.labels), "windows": pred.windows, **extra}
 
 
 def _save_probabilities(pred: Prediction, path: Path) -> None:
@@ -193,29 +220,39 @@ def _save_probabilities(pred: Prediction, path: Path) -> None:
 
 def check_probabilities_option(package: ModelPackage, cases: list[InputCase]) -> None:
     """``ValueError`` if probabilities cannot be saved for this batch (memory-bounded mode, or a file name clash)."""
-    if package.config.inference.memory_bounded:
+    if package.config.inference.memory_bounded and package.config.data.kind == "volume":
         raise ValueError("saving probabilities is not supported with inference.memory_bounded=true "
                          "(that mode inverts only the label map); drop one of the two")
-    ids = {c.id for c in cases}
-    stem = PROBS_SUFFIX.removesuffix(MASK_SUFFIX)  # "_probs"
-    clash = sorted(i for i in ids if f"{i}{stem}" in ids)
-    if clash:
-        raise ValueError(f"case {clash[0]!r}: its probabilities file would overwrite the mask of case {clash[0] + stem!r}")
+    masks = {name: c.id for c in cases for name in outputs_of(c)}
+    for c in sorted(cases, key=lambda c: c.id):
+        if probabilities_name(c) in masks:
+            raise ValueError(f"case {c.id!r}: its probabilities file would overwrite the mask of case "
+                             f"{masks[probabilities_name(c)]!r}")
+
+
+def check_inputs_fit_model(package: ModelPackage, cases: list[InputCase]) -> None:
+    """``InputError`` naming the model if it was trained on the other kind of input (2D images vs volumes)."""
+    images = package.config.data.kind == "image2d"
+    wrong = next((c for c in cases if (c.kind == "image2d") != images), None)
+    if wrong is not None:
+        check_model_kind(package, not images, wrong.images[0] if wrong.series is None else wrong.id)
 
 
 def run_batch(package: ModelPackage, cases: list[InputCase], out_dir: str | Path, device: str = "auto",
               resume: bool = False, progress: bool = True, model_ref: str | None = None,
-              predictor: Predictor | None = None, local_rank: int | None = None, save_probabilities: bool = False,
-              mlflow_experiment: str | None = None, tracking_uri: str | None = None,
+              predictor: Predictor | ImagePredictor | None = None, local_rank: int | None = None,
+              save_probabilities: bool = False, mlflow_experiment: str | None = None, tracking_uri: str | None = None,
               shard: tuple[int, int] | None = None) -> BatchReport:
     """Segment every case; failures are recorded per case and the batch goes on.
 
     ``predictor`` replaces the one built from ``package`` (tests pass a fixed reference network).
-    ``save_probabilities`` also writes ``<id>_probs.nii.gz`` (``ValueError`` in memory-bounded mode).
+    ``save_probabilities`` also writes ``<id>_probs.nii.gz`` (``ValueError`` in memory-bounded mode; 2D images:
+    ``<id>_probs.npy``). A model given the other kind of input (2D images vs volumes) is an ``InputError``.
     ``mlflow_experiment`` logs one run for this call (``shard`` is recorded with it) to ``tracking_uri``
     (default: ``mlflow.db`` in the working folder); see ``batch_tracking`` for what is and is not logged.
     """
     t_start = time.perf_counter()
+    check_inputs_fit_model(package, cases)
     if save_probabilities:
         check_probabilities_option(package, cases)
     tracking = None
@@ -238,7 +275,7 @@ def run_batch(package: ModelPackage, cases: list[InputCase], out_dir: str | Path
 
 
 def _run(package: ModelPackage, cases: list[InputCase], out: Path, device: str, resume: bool, progress: bool,
-         model_ref: str | None, predictor: Predictor | None, local_rank: int | None,
+         model_ref: str | None, predictor: Predictor | ImagePredictor | None, local_rank: int | None,
          save_probabilities: bool) -> BatchReport:
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out, cases)
@@ -250,7 +287,8 @@ def _run(package: ModelPackage, cases: list[InputCase], out: Path, device: str, 
         else:
             todo.append(c)
     if todo and predictor is None:
-        predictor = Predictor(package, device, local_rank=local_rank)
+        build = ImagePredictor if package.config.data.kind == "image2d" else Predictor
+        predictor = build(package, device, local_rank=local_rank)
     model = model_identity(package, model_ref)
     from rich.progress import Progress
 
@@ -258,22 +296,19 @@ def _run(package: ModelPackage, cases: list[InputCase], out: Path, device: str, 
         task = bar.add_task("predicting", total=len(todo))
         for case in todo:
             inputs = [case.id] if case.series is not None else [p.name for p in case.images]
-            record: dict[str, Any] = {"case": case.id, "kind": "dicom" if case.series is not None else "nifti",
-                                      "inputs": inputs, "model": model}
+            record: dict[str, Any] = {"case": case.id, "kind": case.kind, "inputs": inputs, "model": model}
             t0 = time.perf_counter()
             with PeakMemory() as peak, warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    pred, extra = _predict_case(predictor, case, out, package, model,  # type: ignore[arg-type]
-                                                save_probabilities)
-                    organs = organ_volumes(pred.labels, pred.reference, package.labels)
-                    record.update(status="ok", seconds=round(pred.seconds, 3), shape=list(pred.labels.shape),
-                                  organs=organs, windows=pred.windows, outputs=outputs_of(case, save_probabilities), **extra)
+                    fields = _predict_case(predictor, case, out, package, model,  # type: ignore[arg-type]
+                                           save_probabilities)
+                    record.update(status="ok", **fields, outputs=outputs_of(case, save_probabilities))
                     report.done.append(case.id)
                 except MedsegError as e:
                     record.update(status="failed", error=str(e))
                     log.error("%s: %s", case.id, e)
-                except Exception as e:  # one broken scan must not stop the batch; the error is recorded
+                except Exception as e:  # one broken scan or image must not stop the batch; the error is recorded
                     record.update(status="failed", error=f"{e.__class__.__name__}: {e}")
                     log.exception("%s failed", case.id)
             if record["status"] == "failed":
@@ -286,7 +321,7 @@ def _run(package: ModelPackage, cases: list[InputCase], out: Path, device: str, 
             report.case_seconds.append(record["runtime_s"])
             report.peak_rss_mb = max(report.peak_rss_mb, peak.peak_mb)
             bar.advance(task)
-    report.summary = write_summary(out, package.labels)
+    report.summary = write_summary(out, package.labels, images=package.config.data.kind == "image2d")
     return report
 
 
@@ -305,18 +340,24 @@ def case_records(out_dir: Path) -> list[dict[str, Any]]:
     return sorted(records, key=lambda d: str(d["case"]))
 
 
-def write_summary(out_dir: Path, label_map: dict[str, int]) -> Path:
-    """Rebuild ``summary.csv`` (case, status, seconds, peak memory, organ volumes, error) atomically."""
-    organs = [n for n, v in sorted(label_map.items(), key=lambda kv: kv[1]) if v != 0]
+def write_summary(out_dir: Path, label_map: dict[str, int], images: bool = False) -> Path:
+    """Rebuild ``summary.csv`` (case, status, seconds, peak memory, per-organ volume, error) atomically.
+
+    For 2D images (``images``) the per-class columns are ``<class>_pixels`` and ``<class>_fraction`` of
+    every class, background included, instead of ``<organ>_ml`` and ``<organ>_voxels``.
+    """
+    ordered = [n for n, v in sorted(label_map.items(), key=lambda kv: kv[1]) if images or v != 0]
+    section, columns = ("classes", {"pixels": "pixels", "fraction": "fraction"}) if images else \
+        ("organs", {"ml": "volume_ml", "voxels": "voxels"})  # column suffix -> record key
     fields = ["case", "status", "seconds", "runtime_s", "peak_rss_mb"]
-    fields += [f"{o}_{k}" for o in organs for k in ("ml", "voxels")] + ["error"]
+    fields += [f"{o}_{k}" for o in ordered for k in columns] + ["error"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for doc in case_records(out_dir):
         row = {k: doc.get(k, "") for k in ("case", "status", "seconds", "runtime_s", "peak_rss_mb", "error")}
-        for o in organs:
-            v = doc.get("organs", {}).get(o, {})
-            row[f"{o}_ml"], row[f"{o}_voxels"] = v.get("volume_ml", ""), v.get("voxels", "")
+        for o in ordered:
+            v = doc.get(section, {}).get(o, {})
+            row.update({f"{o}_{col}": v.get(key, "") for col, key in columns.items()})
         w.writerow(row)
     return write_text_atomic(Path(out_dir) / SUMMARY, buf.getvalue())

@@ -4,15 +4,22 @@ Each input gives ``<id>.png`` (VOC palette, pixel value = class index) of exactl
 height: the image goes through the model's own preprocessing (RGB, ``data.resize``, intensity scaling),
 a sliding window of ``inference.roi_size`` covers it, and when the model works on resized images the
 class scores are resized back (bilinear) before the argmax. ``inference.tta_mirror`` averages the
-softmax with that of the horizontally mirrored image. Outputs are written atomically; ``resume`` skips
-inputs whose mask exists. A failing input is reported and the others still run.
+softmax with that of the horizontally mirrored image.
+
+Optional probabilities are ``<id>_probs.npy``: a plain numpy array (``np.save`` with ``allow_pickle=False``,
+so it loads without pickle) of dtype uint8 and shape ``(C, H, W)``, value/255 = probability, quantised
+with ``quantize_probabilities`` so every pixel sums to exactly 255 and the argmax is the mask.
+
+Batches (resume, shards, per-image JSON records, ``summary.csv``, MLflow) go through the same runner as
+volumes, ``medseg.inference.batch.run_batch``; this module holds what is particular to images.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,11 +30,13 @@ from medseg.data.transforms import eval_transforms
 from medseg.engine.device import resolve_device
 from medseg.errors import InputError, MedsegError
 from medseg.inference.model_package import ModelPackage
+from medseg.inference.predictor import quantize_probabilities
 from medseg.inference.sliding import predictor_for
+from medseg.io.atomic import write_atomic
 from medseg.io.images2d.common import IMAGE_SUFFIXES, image_size, list_images, safe_id, write_index_png
 from medseg.io.manifest import load_manifest
 
-log = logging.getLogger("medseg.predict")
+IMAGE_MASK_SUFFIX, IMAGE_PROBS_SUFFIX = ".png", "_probs.npy"
 
 
 def is_image_input(path: Path) -> bool:
@@ -40,7 +49,7 @@ def is_image_input(path: Path) -> bool:
                 m = load_manifest(path)
             except MedsegError:
                 return False
-            return bool(m.cases) and m.cases[0].image[0].lower().endswith(IMAGE_SUFFIXES)
+            return m.holds_images
         return False
     if not path.is_dir():
         return False
@@ -48,6 +57,11 @@ def is_image_input(path: Path) -> bool:
     if any(n.endswith((".nii", ".nii.gz", ".dcm")) for n in names):  # scans (with stray pictures): the volume path
         return False
     return any(n.endswith(IMAGE_SUFFIXES) for n in names)
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a PNG/JPG file name (any case)."""
+    return path.name.lower().endswith(IMAGE_SUFFIXES)
 
 
 def discover_images(path: Path, split: str | None = None) -> list[tuple[str, Path]]:
@@ -68,15 +82,35 @@ def discover_images(path: Path, split: str | None = None) -> list[tuple[str, Pat
     return items
 
 
+def check_model_kind(package: ModelPackage, images: bool, example: Path | str | None = None) -> None:
+    """``InputError`` (naming the model) unless it was trained on the kind of input given (2D images or volumes)."""
+    trained = package.config.data.kind
+    if (trained == "image2d") == images:
+        return
+    what = "2D images" if trained == "image2d" else "volumes"
+    given = "2D images" if images else "volumes (NIfTI/DICOM)"
+    such = f" such as {Path(example).name}" if example is not None else ""
+    raise InputError(package.path,
+                     f"this model was trained on {what} (data.kind {trained}) and cannot segment {given}{such}")
+
+
+@dataclass
+class ImagePrediction:
+    """A class-index map of one image, the size of that image, and optionally its quantised probabilities."""
+
+    labels: np.ndarray  # uint8 (H, W)
+    seconds: float
+    probabilities: np.ndarray | None = None  # uint8 (C, H, W), value/255 = probability
+
+
 class ImagePredictor:
     """A loaded 2D image model that turns one image file into an (H, W) class-index array."""
 
-    def __init__(self, package: ModelPackage, device: str = "auto") -> None:
+    def __init__(self, package: ModelPackage, device: str = "auto", local_rank: int | None = None) -> None:
+        check_model_kind(package, images=True)
         cfg = package.config
-        if cfg.data.kind != "image2d":
-            raise InputError(package.path, "this model was trained on volumes (data.kind volume), not on 2D images")
         self.cfg = cfg
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, local_rank)
         self.model = package.build(self.device)
         self.run = predictor_for(self.model, 2, volume_dims=2)
         self.transform = eval_transforms(cfg, with_label=False)
@@ -97,44 +131,44 @@ class ImagePredictor:
             total = probs if total is None else total + probs
         return total / len(views)  # type: ignore[operator]
 
-    def predict(self, path: Path) -> np.ndarray:
-        """Class-index map (uint8) of the image at ``path``, the size of that image."""
-        h, w = image_size(path)
+    def segment(self, path: Path, with_probabilities: bool = False) -> ImagePrediction:
+        """Class-index map (and optionally quantised probabilities) of the image at ``path``, at its own size."""
+        t0 = time.perf_counter()
+        h, w = image_size(path)  # fully decodes: a truncated or unreadable file is an InputError naming it
         probs = self.probabilities(self.transform({"image": str(path)})["image"])
         if tuple(probs.shape[-2:]) != (h, w):  # model works on resized images: scores back to the input size
             probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
-        return probs.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        labels = probs.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        quantized = np.moveaxis(quantize_probabilities(probs[0].cpu()), -1, 0) if with_probabilities else None
+        return ImagePrediction(labels, time.perf_counter() - t0, quantized)
+
+    def predict(self, path: Path) -> np.ndarray:
+        """Class-index map (uint8) of the image at ``path``, the size of that image."""
+        return self.segment(path).labels
 
 
-@dataclass
-class ImageBatchReport:
-    """Ids predicted, skipped (already done) and failed (id -> error)."""
-
-    done: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def exit_code(self) -> int:
-        """3 if any input failed (as ``medseg predict`` for volumes), else 0."""
-        return 3 if self.failed else 0
+def save_image_probabilities(probs: np.ndarray, path: Path) -> Path:
+    """Atomically write uint8 ``(C, H, W)`` probabilities as a ``.npy`` file that loads without pickle."""
+    if probs.dtype != np.uint8 or probs.ndim != 3:
+        raise ValueError(f"expected uint8 (C, H, W) probabilities, got {probs.dtype} {probs.shape}")
+    return write_atomic(path, lambda tmp: np.save(tmp, probs, allow_pickle=False), suffix=".npy")
 
 
-def predict_images(package: ModelPackage, items: list[tuple[str, Path]], output: Path, device: str = "auto",
-                   resume: bool = False) -> ImageBatchReport:
-    """Write ``output/<id>.png`` for every (id, image); bad inputs are reported, not fatal."""
-    report = ImageBatchReport()
-    predictor = ImagePredictor(package, device)
-    for cid, path in items:
-        target = output / f"{cid}.png"
-        if resume and target.is_file():
-            report.skipped.append(cid)
-            continue
-        try:
-            write_index_png(target, predictor.predict(path).astype(np.int64))
-        except MedsegError as e:
-            report.failed[cid] = str(e)
-            log.warning("failed %s: %s", cid, e)
-            continue
-        report.done.append(cid)
-    return report
+def class_pixels(labels: np.ndarray, label_map: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """Pixel count and fraction of the image per class name (background included: in natural images class 0
+    is often a real class, e.g. CamVid's sky)."""
+    counts = np.bincount(labels.ravel(), minlength=max(label_map.values()) + 1)
+    total = max(int(labels.size), 1)
+    return {name: {"pixels": int(counts[v]), "fraction": round(float(counts[v]) / total, 6)}
+            for name, v in sorted(label_map.items(), key=lambda kv: kv[1])}
+
+
+def predict_image_case(predictor: ImagePredictor, image: Path, mask_path: Path, probs_path: Path | None,
+                       label_map: dict[str, int]) -> dict[str, Any]:
+    """Segment one image, write its mask (and probabilities when ``probs_path``); returns its record fields."""
+    pred = predictor.segment(image, with_probabilities=probs_path is not None)
+    if pred.probabilities is not None and probs_path is not None:
+        save_image_probabilities(pred.probabilities, probs_path)
+    write_index_png(mask_path, pred.labels)
+    return {"seconds": round(pred.seconds, 3), "shape": list(pred.labels.shape),
+            "classes": class_pixels(pred.labels, label_map)}

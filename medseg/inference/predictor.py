@@ -38,7 +38,7 @@ from monai.transforms import Compose, Invertd
 
 from medseg.engine.device import resolve_device, resolve_precision
 from medseg.errors import InputError
-from medseg.inference.memory import return_freed_memory_to_os
+from medseg.inference.memory import release_free_heap, return_freed_memory_to_os
 from medseg.inference.model_package import ModelPackage
 from medseg.inference.postprocess import postprocess
 from medseg.inference.preparation import (FOREGROUND_MARGIN, IntensityNormaliser, body_mask, expand_box, raw_body_box,
@@ -250,6 +250,7 @@ class Predictor:
         with self.precision.autocast(self.device):
             streaming_sliding_window(xt, self.window, inf.sw_batch_size, wp, self.num_classes, emit, overlap=inf.overlap,
                                      mode=inf.blend_mode, sw_device=self.device, acc_dtype=torch.float16)
+        release_free_heap()  # the network's activations lived on the heap; the inversion should not carry them
         return out
 
     def _bounded_oriented(self, source: np.ndarray, affine: np.ndarray, name: str, wp: WindowPredictor) -> np.ndarray:

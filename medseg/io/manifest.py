@@ -34,7 +34,8 @@ from medseg.io.atomic import write_json_atomic
 
 Split = Literal["train", "val", "test"]
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # 2D natural images (``data.kind: image2d``)
+_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", *IMAGE_SUFFIXES)
 
 
 def case_id_from_path(path: str) -> str:
@@ -106,6 +107,11 @@ class Manifest:
             if c.id == case_id:
                 return c
         raise KeyError(case_id)
+
+    @property
+    def holds_images(self) -> bool:
+        """Whether the cases are 2D images (PNG/JPG) rather than volumes (decided by the first case's file)."""
+        return bool(self.cases) and self.cases[0].image[0].lower().endswith(IMAGE_SUFFIXES)
 
     @property
     def num_classes(self) -> int:

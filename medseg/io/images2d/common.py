@@ -17,10 +17,9 @@ from PIL import Image, UnidentifiedImageError
 
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
-from medseg.io.manifest import Case, Manifest, Split, assign_splits
+from medseg.io.manifest import IMAGE_SUFFIXES, Case, Manifest, Split, assign_splits
 
 VOID = 255
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 INDEX_MODES = ("P", "L", "I", "I;16")
 RGB_CHANNELS = {"0": "R", "1": "G", "2": "B"}
 _BAD_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]")
