@@ -59,7 +59,7 @@ _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 # Blocks above this get their own mapping, unmapped on free. 32 MiB keeps one window's activations (a 96x96x64
 # window's full-resolution feature maps are ~19 MiB) on the heap, where they are reused without page faults:
 # measured on 512x512x600 int16, memory-bounded, 2 CPU cores: 128 KiB 80.9 s / 2.64x the input's bytes,
-# 32 MiB 51.8 s / 2.89x, 32 MiB plus ``release_free_heap`` after the windows: see the README's benchmarks.
+# 32 MiB 51.8 s / 2.89x in isolated runs; in the benchmark (README) 44.2 s / 2.54x.
 MMAP_THRESHOLD = 32 * 2**20
 
 
