@@ -10,7 +10,7 @@ Params: ``model`` (reference), ``device`` (requested), ``shard`` (``I/N`` or ``a
 and the package's ``inference.*`` settings (after ``--set`` overrides). Metrics (one ``log_batch`` call):
 ``n_cases``, ``n_ok``, ``n_failed``, ``n_skipped``, ``total_seconds``, ``mean_seconds_per_case``,
 ``peak_rss_mib``. Tags: the model's name/version, training run id and dataset from the package metadata,
-and the medseg version.
+the kind of input (``medseg.data_kind``: volume or image2d) and the medseg version.
 
 Status: a batch that ran to the end is ``FINISHED`` even when some cases failed (``n_failed`` > 0 and the
 tag ``medseg.batch_result=some_failed`` say so): a failed scan is a normal nightly outcome, and the counts
@@ -77,7 +77,7 @@ class BatchTracking:
         params.update(flatten("inference", package.config.inference.model_dump(mode="json")))
         tracker.log_params(params)
         meta = package.metadata
-        tags = {"medseg.kind": "batch_predict", "medseg.version": __version__,
+        tags = {"medseg.kind": "batch_predict", "medseg.version": __version__, "medseg.data_kind": package.config.data.kind,
                 "medseg.model_name": meta.get("name"), "medseg.model_version": meta.get("version"),
                 "medseg.model_run_id": meta.get("run_id"), "medseg.dataset": meta.get("dataset")}
         tracker.set_tags({k: v for k, v in tags.items() if v is not None})

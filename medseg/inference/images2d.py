@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
 from medseg.data.transforms import eval_transforms
-from medseg.engine.device import resolve_device
+from medseg.engine.device import resolve_device, resolve_precision
 from medseg.errors import InputError, MedsegError
 from medseg.inference.model_package import ModelPackage
 from medseg.inference.predictor import quantize_probabilities
@@ -111,6 +111,7 @@ class ImagePredictor:
         cfg = package.config
         self.cfg = cfg
         self.device = resolve_device(device, local_rank)
+        self.precision = resolve_precision(cfg.train.amp, self.device)  # AMP on CUDA as for volumes; fp32 on CPU
         self.model = package.build(self.device)
         self.run = predictor_for(self.model, 2, volume_dims=2)
         self.transform = eval_transforms(cfg, with_label=False)
@@ -124,8 +125,9 @@ class ImagePredictor:
         total = None
         for mirror in views:
             xin = torch.flip(x, dims=(-1,)) if mirror else x
-            logits = sliding_window_inference(xin, tuple(self.cfg.roi_size), inf.sw_batch_size, self.run,
-                                              overlap=inf.overlap, mode=inf.blend_mode).float()
+            with self.precision.autocast(self.device):
+                logits = sliding_window_inference(xin, tuple(self.cfg.roi_size), inf.sw_batch_size, self.run,
+                                                  overlap=inf.overlap, mode=inf.blend_mode).float()
             probs = torch.softmax(logits, 1)
             probs = torch.flip(probs, dims=(-1,)) if mirror else probs
             total = probs if total is None else total + probs

@@ -130,6 +130,7 @@ def test_batch_mlflow_run_has_counts_and_no_patient_names(package_dir: Path, tin
     assert p1["device"] == "cpu" and p1["inference.overlap"] == str(inference.overlap)
     assert p1["inference.memory_bounded"] == "False" and runs[1].data.params["inference.fill_holes"] == "True"  # --set
     assert runs[0].data.tags["medseg.batch_result"] == "some_failed"
+    assert runs[0].data.tags["medseg.data_kind"] == "volume"
 
     secrets = [n.removesuffix(".nii.gz") for n in [*names.values(), "smith_anna_19800101.nii.gz"]]
     secrets += ["doe", "roe_", "smith", "1965", "ward7", str(scans), str(tmp_path), str(package_dir.parent)]

@@ -212,6 +212,7 @@ def test_batch_mlflow_run_has_counts_and_no_image_names(package_dir: Path, tmp_p
     assert (m["n_cases"], m["n_ok"], m["n_failed"], m["n_skipped"]) == (3, 2, 1, 0)
     assert m["total_seconds"] > 0 and m["mean_seconds_per_case"] > 0 and m["peak_rss_mib"] > 0
     assert run.info.status == "FINISHED" and run.data.tags["medseg.batch_result"] == "some_failed"
+    assert run.data.tags["medseg.data_kind"] == "image2d"
     assert run.data.params["shard"] == "0/1" and run.data.params["model"] == package_dir.name
     assert sorted(_records(out)) == ["doe_john_19650203", "roe_jane_19720811", "smith_anna_19800101"]
 
