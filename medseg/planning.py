@@ -119,14 +119,20 @@ def _stats(values: np.ndarray) -> dict[str, float]:
             "percentile_00_5": float(p[0]), "median": float(p[1]), "percentile_99_5": float(p[2])}
 
 
-def fingerprint_dataset(manifest: Manifest, splits: tuple[str, ...] = ("train",), max_cases: int | None = None,
-                        orientation: str = "RAS", samples_per_case: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """Fingerprint the labelled cases of ``splits`` (all of them, or the first ``max_cases``)."""
+def labelled_cases(manifest: Manifest, splits: tuple[str, ...], max_cases: int | None, what: str = "cases") -> list[Case]:
+    """The labelled cases of ``splits`` (all, or the first ``max_cases``); ``InputError`` when there are none."""
     cases = [c for c in manifest.split(*splits) if c.label]  # type: ignore[arg-type]
     if max_cases is not None:
         cases = cases[:max_cases]
     if not cases:
-        raise InputError(manifest.path or "manifest", f"no labelled cases in split(s) {', '.join(splits)} to plan from")
+        raise InputError(manifest.path or "manifest", f"no labelled {what} in split(s) {', '.join(splits)} to plan from")
+    return cases
+
+
+def fingerprint_dataset(manifest: Manifest, splits: tuple[str, ...] = ("train",), max_cases: int | None = None,
+                        orientation: str = "RAS", samples_per_case: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Fingerprint the labelled cases of ``splits`` (all of them, or the first ``max_cases``)."""
+    cases = labelled_cases(manifest, splits, max_cases)
     rng = np.random.default_rng(seed)
     per_case = [fingerprint_case(manifest, c, orientation, samples_per_case, rng) for c in cases]
     fg = np.concatenate([pc.pop("_foreground_sample") for pc in per_case])

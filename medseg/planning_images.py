@@ -29,7 +29,7 @@ import numpy as np
 from medseg.errors import InputError
 from medseg.io.images2d.common import VOID, open_image, read_index_label
 from medseg.io.manifest import Case, Manifest
-from medseg.planning import FORMAT, MAX_DOWNSAMPLINGS, num_downsamplings, patch_size
+from medseg.planning import FORMAT, MAX_DOWNSAMPLINGS, labelled_cases, num_downsamplings, patch_size
 
 DEFAULT_MAX_PATCH_PIXELS = 256 * 256  # CPU-sized crop; raise it on GPUs
 SAMPLES_PER_IMAGE = 2000
@@ -74,11 +74,7 @@ def median_frequency_weights(classes: dict[str, dict[str, Any]]) -> dict[str, fl
 def fingerprint_images(manifest: Manifest, splits: tuple[str, ...] = ("train",), max_cases: int | None = None,
                        ignore_index: int | None = VOID, seed: int = 0) -> dict[str, Any]:
     """Fingerprint the labelled images of ``splits`` (all, or the first ``max_cases``)."""
-    cases = [c for c in manifest.split(*splits) if c.label]  # type: ignore[arg-type]
-    if max_cases is not None:
-        cases = cases[:max_cases]
-    if not cases:
-        raise InputError(manifest.path or "manifest", f"no labelled images in split(s) {', '.join(splits)} to plan from")
+    cases = labelled_cases(manifest, splits, max_cases, "images")
     rng = np.random.default_rng(seed)
     per_image = [fingerprint_image(manifest, c, rng, ignore_index) for c in cases]
     sample = np.concatenate([p.pop("_sample") for p in per_image])
