@@ -298,11 +298,43 @@ class Predictor:
                 data, reference = self._from_image(source, str(name)), source
             if not with_probabilities and self.cfg.data.spacing is None and self.package.num_classes < 256:
                 return self._labels_unresampled(data, name), reference, None
+            if self.cfg.data.spacing is not None:
+                return (*self._segment_resampled(data, reference, name, with_probabilities),)  # type: ignore[return-value]
             probs = self._probabilities(data, name)
             return self._argmax(probs), reference, quantize_probabilities(probs) if with_probabilities else None
         reference = load_nifti(source[0]) if isinstance(source, list) else source
         self._check_channels(reference, 1, name)
         return self._labels_bounded(reference, name), reference, None
+
+    @torch.inference_mode()
+    def _segment_resampled(self, data: dict, reference: nib.Nifti1Image, name: Path | str,
+                           with_probabilities: bool) -> tuple[np.ndarray, nib.Nifti1Image, np.ndarray | None]:
+        """Resampled model: probabilities on the model's grid, taken back to the scan's grid slab by slab.
+
+        Each slab of the scan's grid gets the class probabilities resampled from the model's grid (bilinear, as
+        ``Invertd`` with ``Spacingd``'s settings: reorientation and spacing undone in one step, see
+        ``slab_resample``) and is reduced to labels (and quantised probabilities) at once, so no full-size float
+        volume of all classes exists: on 512x512x300 resampled 0.8 -> 1 mm the whole-volume ``Invertd`` took
+        ~6.8 GiB above the scan.
+        """
+        image: MetaTensor = data.pop("image")
+        self._check_finite(image.as_tensor(), name)
+        grid_affine = np.asarray(image.affine, dtype=np.float64)
+        probs = self._probabilities_preprocessed(image.as_tensor())
+        del image
+        shape = tuple(int(n) for n in reference.shape[:3])
+        labels = np.zeros(shape, dtype=np.uint8 if self.num_classes < 256 else np.uint16)
+        quantised = np.zeros((*shape, self.num_classes), dtype=np.uint8) if with_probabilities else None
+
+        def emit(z0: int, part: torch.Tensor) -> None:
+            z1 = z0 + part.shape[-1]
+            labels[..., z0:z1] = self._argmax(part)
+            if quantised is not None:
+                quantised[..., z0:z1, :] = quantize_probabilities(part)
+
+        resample_in_slabs(probs, grid_affine, np.asarray(reference.affine, dtype=np.float64), shape, emit=emit,
+                          **spacing_settings(self.spatial))
+        return labels, reference, quantised
 
     def _argmax(self, probs: torch.Tensor) -> np.ndarray:
         if self.package.num_classes < 256:

@@ -22,7 +22,7 @@ window cannot resample per window; the slab loop and the sub-block arithmetic ar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -74,16 +74,18 @@ def _source_block(src_from_dst: np.ndarray, dst_box: Sequence[slice], src_shape:
 def resample_in_slabs(src: torch.Tensor | np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
                       dst_shape: Sequence[int], *, mode: object, padding_mode: object, align_corners: bool,
                       dtype: object = np.float64, out: torch.Tensor | None = None,
-                      out_dtype: torch.dtype = torch.float32, slab: int = SLAB) -> torch.Tensor:
+                      out_dtype: torch.dtype = torch.float32, slab: int = SLAB,
+                      emit: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor | None:
     """``src`` (C, X, Y, Z; any dtype, e.g. a raw int16 view) with voxel-to-world ``src_affine``, resampled onto the
     grid ``dst_affine`` / ``dst_shape`` as MONAI's ``SpatialResample`` would in one call, slab by slab.
 
     Results go into ``out`` (C, *dst_shape) when given, else a new tensor of ``out_dtype``; integer outputs are
-    rounded (a label map resampled with nearest is exact). Only one slab's sub-block is ever in float.
+    rounded (a label map resampled with nearest is exact). Only one slab's sub-block is ever in float. With
+    ``emit``, nothing is kept: ``emit(z0, part)`` gets each float slab (C, X, Y, n) in order and None is returned.
     """
     channels = src.shape[0]
     dst_shape = tuple(int(s) for s in dst_shape)
-    if out is None:
+    if out is None and emit is None:
         out = torch.empty((channels, *dst_shape), dtype=out_dtype)
     resampler = SpatialResample(mode=mode, padding_mode=padding_mode, align_corners=align_corners, dtype=dtype)
     src_from_dst = np.linalg.inv(src_affine) @ dst_affine
@@ -95,7 +97,11 @@ def resample_in_slabs(src: torch.Tensor | np.ndarray, src_affine: np.ndarray, ds
         sub = (torch.from_numpy(np.ascontiguousarray(sub)) if isinstance(sub, np.ndarray) else sub.contiguous()).float()
         part = resampler(MetaTensor(sub, affine=torch.as_tensor(_shifted(src_affine, [b.start for b in block]))),
                          dst_affine=torch.as_tensor(_shifted(dst_affine, [0, 0, z0])), spatial_size=(*dst_shape[:2], z1 - z0))
-        part = torch.as_tensor(part).as_subclass(torch.Tensor) if isinstance(part, MetaTensor) else torch.as_tensor(part)
+        part = part.as_tensor() if isinstance(part, MetaTensor) else torch.as_tensor(part)
+        if emit is not None:
+            emit(z0, part)
+            continue
+        assert out is not None
         if not out.dtype.is_floating_point:
             info = torch.iinfo(out.dtype)
             part = part.round().clamp_(info.min, info.max)

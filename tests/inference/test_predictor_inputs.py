@@ -7,6 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from medseg.evaluation.metrics import dice
 from medseg.inference.options import apply_inference_overrides
@@ -92,3 +93,18 @@ def test_memory_bounded_reads_scaled_ct_as_stored_integers(tiny_phantom: Path, t
     pred = bounded.predict([path])
     assert np.array_equal(pred.labels, expected_mask(hu)), f"{int((pred.labels != expected_mask(hu)).sum())} differ"
     assert pred.windows["run"] > 0
+
+
+@pytest.mark.parametrize("case_index", [1, 3], ids=["flip_x", "oblique"])
+def test_resampled_labels_equal_argmax_of_monai_invertd(tiny_phantom: Path, tmp_path: Path, case_index: int) -> None:
+    # predict() takes probabilities back slab by slab (slab_resample); probabilities() is MONAI's whole-volume
+    # Invertd: their argmax must agree wherever the top two classes are not within float noise of each other.
+    pkg, m = _package(tmp_path, tiny_phantom, ["data.spacing=[2.0, 2.0, 2.0]"])
+    path = m.image_paths(m.cases[case_index])[0]
+    predictor = Predictor(pkg, device="cpu", model=oracle_model())
+    labels = predictor.predict([path]).labels
+    exact, _ = predictor.probabilities([path])
+    top2 = torch.topk(exact, 2, dim=0).values
+    clear = ((top2[0] - top2[1]) > 1e-4).numpy() & (exact.sum(0) > 0.5).numpy()  # Invertd zero-pads outside the crop
+    assert clear.mean() > 0.9
+    assert np.array_equal(labels[clear], exact.argmax(0).numpy()[clear])
