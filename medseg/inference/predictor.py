@@ -284,10 +284,11 @@ class Predictor:
         probe = MetaTensor(torch.zeros(1).expand(source.shape), affine=torch.as_tensor(affine))  # shape only, no memory
         grid_affine, grid_shape = lazy_geometry(self.spatial_raw_in_memory, probe)
         keep = torch.from_numpy(np.empty(0, dtype=source.dtype)).dtype if source.dtype in STORED_INTEGERS else torch.float32
-        xt = resample_in_slabs(source, affine, grid_affine, grid_shape, out_dtype=keep, **settings)
+        xt = resample_in_slabs(source, affine, grid_affine, grid_shape, out_dtype=keep, device=self.device, **settings)
         out = self._stream_labels(xt, wp)
         del xt
-        resample_in_slabs(out[None], grid_affine, affine, target.shape[1:], out=target, **{**settings, "mode": "nearest"})
+        resample_in_slabs(out[None], grid_affine, affine, target.shape[1:], out=target, device=self.device,
+                          **{**settings, "mode": "nearest"})
 
     def probabilities(self, image_paths: list[Path]) -> tuple[torch.Tensor, nib.Nifti1Image]:
         """Class probabilities (C, *input_shape) in the input's voxel grid, and the input header."""
@@ -338,7 +339,7 @@ class Predictor:
         src_affine = np.asarray(loaded.affine, dtype=np.float64)
         settings = spacing_settings(self.grid_steps)
         grid_affine, grid_shape = lazy_geometry(self.grid_steps, loaded)
-        image = resample_in_slabs(loaded.as_tensor(), src_affine, grid_affine, grid_shape, **settings)
+        image = resample_in_slabs(loaded.as_tensor(), src_affine, grid_affine, grid_shape, device=self.device, **settings)
         del loaded
         probs = self._probabilities_preprocessed(image)
         del image
@@ -347,12 +348,13 @@ class Predictor:
         quantised = np.zeros((*shape, self.num_classes), dtype=np.uint8) if with_probabilities else None
 
         def emit(z0: int, part: torch.Tensor) -> None:
+            part = part.cpu()  # sampled on the device; one slab comes back
             z1 = z0 + part.shape[-1]
             labels[..., z0:z1] = self._argmax(part)
             if quantised is not None:
                 quantised[..., z0:z1, :] = quantize_probabilities(part)
 
-        resample_in_slabs(probs, grid_affine, src_affine, shape, emit=emit, **settings)
+        resample_in_slabs(probs, grid_affine, src_affine, shape, emit=emit, device=self.device, **settings)
         return labels, reference, quantised
 
     def _argmax(self, probs: torch.Tensor) -> np.ndarray:

@@ -75,13 +75,16 @@ def resample_in_slabs(src: torch.Tensor | np.ndarray, src_affine: np.ndarray, ds
                       dst_shape: Sequence[int], *, mode: object, padding_mode: object, align_corners: bool,
                       dtype: object = np.float64, out: torch.Tensor | None = None,
                       out_dtype: torch.dtype = torch.float32, slab: int = SLAB,
-                      emit: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor | None:
+                      emit: Callable[[int, torch.Tensor], None] | None = None,
+                      device: torch.device | str = "cpu") -> torch.Tensor | None:
     """``src`` (C, X, Y, Z; any dtype, e.g. a raw int16 view) with voxel-to-world ``src_affine``, resampled onto the
     grid ``dst_affine`` / ``dst_shape`` as MONAI's ``SpatialResample`` would in one call, slab by slab.
 
     Results go into ``out`` (C, *dst_shape) when given, else a new tensor of ``out_dtype``; integer outputs are
     rounded (a label map resampled with nearest is exact). Only one slab's sub-block is ever in float. With
     ``emit``, nothing is kept: ``emit(z0, part)`` gets each float slab (C, X, Y, n) in order and None is returned.
+    ``device``: where each slab is interpolated (a CUDA device on GPU servers, where the sampling is the costly
+    part of the CPU's work); ``out`` stays where it is, ``emit`` gets the slab on ``device``.
     """
     channels = src.shape[0]
     dst_shape = tuple(int(s) for s in dst_shape)
@@ -94,7 +97,8 @@ def resample_in_slabs(src: torch.Tensor | np.ndarray, src_affine: np.ndarray, ds
         dst_box = (slice(0, dst_shape[0]), slice(0, dst_shape[1]), slice(z0, z1))
         block = _source_block(src_from_dst, dst_box, src.shape[1:])
         sub = src[(slice(None), *block)]
-        sub = (torch.from_numpy(np.ascontiguousarray(sub)) if isinstance(sub, np.ndarray) else sub.contiguous()).float()
+        sub = (torch.from_numpy(np.ascontiguousarray(sub)) if isinstance(sub, np.ndarray) else sub.contiguous())
+        sub = sub.to(device, non_blocking=True).float()
         part = resampler(MetaTensor(sub, affine=torch.as_tensor(_shifted(src_affine, [b.start for b in block]))),
                          dst_affine=torch.as_tensor(_shifted(dst_affine, [0, 0, z0])), spatial_size=(*dst_shape[:2], z1 - z0))
         part = part.as_tensor() if isinstance(part, MetaTensor) else torch.as_tensor(part)
@@ -105,5 +109,5 @@ def resample_in_slabs(src: torch.Tensor | np.ndarray, src_affine: np.ndarray, ds
         if not out.dtype.is_floating_point:
             info = torch.iinfo(out.dtype)
             part = part.round().clamp_(info.min, info.max)
-        out[..., z0:z1] = part.to(out.dtype)
+        out[..., z0:z1] = part.to(out.device, out.dtype)
     return out
