@@ -23,6 +23,7 @@ import logging
 import sys
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,13 +188,54 @@ def _warning_text(w: warnings.WarningMessage) -> str:
     return f"{w.category.__name__}: {str(w.message).splitlines()[0][:300]}"
 
 
+def case_sha256(case: InputCase) -> str:
+    """sha256 of a case's input: the file (first channel file) or the series' files in slice order."""
+    return series_sha256(case.series) if case.series is not None else sha256_file(case.images[0])
+
+
+class ReadAhead:
+    """Reads the next case's files in a background thread while the current case is segmented.
+
+    What it does with them is the input checksum every record carries, which needs every byte anyway; the
+    read also leaves the files in the OS page cache, so the case's own load (gunzip, DICOM decoding) no longer
+    waits for the disk or a network share. Nothing is decoded here and nothing is held in process memory
+    (memory-bounded mode keeps its one-scan budget), and no Python warnings can come from this thread (the
+    per-case warning capture is process-wide). hashlib and file reads release the GIL, so this overlaps the
+    network's work. A read error surfaces for its own case, when the checksum is asked for.
+    """
+
+    def __init__(self, cases: list[InputCase], enabled: bool = True) -> None:
+        self.cases = cases
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-read-ahead") if enabled else None
+        self.next: Future | None = self._submit(0)
+
+    def _submit(self, i: int) -> Future | None:
+        return self.pool.submit(case_sha256, self.cases[i]) if self.pool is not None and i < len(self.cases) else None
+
+    def take(self, i: int) -> Future | None:
+        """The checksum of case ``i`` being computed (None when off); starts reading case ``i + 1``."""
+        current, self.next = self.next, self._submit(i + 1)
+        return current
+
+    def close(self) -> None:
+        """Stop reading ahead (a pending read is cancelled or awaited)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _predict_case(predictor: Predictor | ImagePredictor, case: InputCase, out: Path, package: ModelPackage,
-                  model: dict[str, Any], probabilities: bool = False) -> dict[str, Any]:
-    """Read, predict and write one case's outputs; returns the record fields of a finished case."""
+                  model: dict[str, Any], probabilities: bool = False, checksum: Future | None = None) -> dict[str, Any]:
+    """Read, predict and write one case's outputs; returns the record fields (``checksum``: read ahead).
+
+    The checksum is taken after the prediction, so an unreadable input fails with the loader's own message.
+    """
+    def sha256() -> str:
+        return checksum.result() if checksum is not None else case_sha256(case)
+
     if isinstance(predictor, ImagePredictor):
         probs = out / probabilities_name(case) if probabilities else None
         fields = predict_image_case(predictor, case.images[0], out / outputs_of(case)[0], probs, package.labels)
-        return {**fields, "input_sha256": sha256_file(case.images[0])}
+        return {**fields, "input_sha256": sha256()}
     if case.series is not None:
         image = load_series_image(case.series)
         pred = predictor.predict(image, name=str(case.series.folder), with_probabilities=probabilities)
@@ -201,13 +243,12 @@ def _predict_case(predictor: Predictor | ImagePredictor, case: InputCase, out: P
         save_label_like(pred.labels, pred.reference, out / f"{case.id}{MASK_SUFFIX}")
         write_series_seg(pred.labels, case.series, package.labels, out / f"{case.id}{SEG_SUFFIX}",
                          model["name"], model["version"])
-        extra = {"input_sha256": series_sha256(case.series), "n_slices": case.series.n_slices,
-                 "modality": case.series.modality}
+        extra = {"input_sha256": sha256(), "n_slices": case.series.n_slices, "modality": case.series.modality}
     else:
         pred = predictor.predict(list(case.images), with_probabilities=probabilities)
         _save_probabilities(pred, out / f"{case.id}{PROBS_SUFFIX}")
         save_label_like(pred.labels, pred.reference, out / f"{case.id}{MASK_SUFFIX}")
-        extra = {"input_sha256": sha256_file(case.images[0])}
+        extra = {"input_sha256": sha256()}
     return {"seconds": round(pred.seconds, 3), "shape": list(pred.labels.shape),
             "organs": organ_volumes(pred.labels, pred.reference, package.labels), "windows": pred.windows, **extra}
 
@@ -242,7 +283,7 @@ def run_batch(package: ModelPackage, cases: list[InputCase], out_dir: str | Path
               resume: bool = False, progress: bool = True, model_ref: str | None = None,
               predictor: Predictor | ImagePredictor | None = None, local_rank: int | None = None,
               save_probabilities: bool = False, mlflow_experiment: str | None = None, tracking_uri: str | None = None,
-              shard: tuple[int, int] | None = None) -> BatchReport:
+              shard: tuple[int, int] | None = None, read_ahead: bool = True) -> BatchReport:
     """Segment every case; failures are recorded per case and the batch goes on.
 
     ``predictor`` replaces the one built from ``package`` (tests pass a fixed reference network).
@@ -250,6 +291,7 @@ def run_batch(package: ModelPackage, cases: list[InputCase], out_dir: str | Path
     ``<id>_probs.npy``). A model given the other kind of input (2D images vs volumes) is an ``InputError``.
     ``mlflow_experiment`` logs one run for this call (``shard`` is recorded with it) to ``tracking_uri``
     (default: ``mlflow.db`` in the working folder); see ``batch_tracking`` for what is and is not logged.
+    ``read_ahead`` reads the next case's files (checksum, page cache) while the current one is segmented.
     """
     t_start = time.perf_counter()
     check_inputs_fit_model(package, cases)
@@ -262,7 +304,7 @@ def run_batch(package: ModelPackage, cases: list[InputCase], out_dir: str | Path
         tracking = BatchTracking.start(mlflow_experiment, tracking_uri, package, model_ref, device, shard, save_probabilities)
     try:
         report = _run(package, cases, Path(out_dir), device, resume, progress, model_ref, predictor, local_rank,
-                      save_probabilities)
+                      save_probabilities, read_ahead)
     except BaseException:
         if tracking is not None:
             tracking.end("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
@@ -276,7 +318,7 @@ def run_batch(package: ModelPackage, cases: list[InputCase], out_dir: str | Path
 
 def _run(package: ModelPackage, cases: list[InputCase], out: Path, device: str, resume: bool, progress: bool,
          model_ref: str | None, predictor: Predictor | ImagePredictor | None, local_rank: int | None,
-         save_probabilities: bool) -> BatchReport:
+         save_probabilities: bool, read_ahead: bool = False) -> BatchReport:
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out, cases)
     report = BatchReport()
@@ -290,19 +332,31 @@ def _run(package: ModelPackage, cases: list[InputCase], out: Path, device: str, 
         build = ImagePredictor if package.config.data.kind == "image2d" else Predictor
         predictor = build(package, device, local_rank=local_rank)
     model = model_identity(package, model_ref)
+    ahead = ReadAhead(todo, read_ahead)
+    try:
+        report = _predict_all(todo, ahead, predictor, out, package, model, save_probabilities, progress, report)  # type: ignore[arg-type]
+    finally:
+        ahead.close()
+    report.summary = write_summary(out, package.labels, images=package.config.data.kind == "image2d")
+    return report
+
+
+def _predict_all(todo: list[InputCase], ahead: ReadAhead, predictor: Predictor | ImagePredictor, out: Path,
+                 package: ModelPackage, model: dict[str, Any], save_probabilities: bool, progress: bool,
+                 report: BatchReport) -> BatchReport:
     from rich.progress import Progress
 
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("predicting", total=len(todo))
-        for case in todo:
+        for i, case in enumerate(todo):
+            reading = ahead.take(i)
             inputs = [case.id] if case.series is not None else [p.name for p in case.images]
             record: dict[str, Any] = {"case": case.id, "kind": case.kind, "inputs": inputs, "model": model}
             t0 = time.perf_counter()
             with PeakMemory() as peak, warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    fields = _predict_case(predictor, case, out, package, model,  # type: ignore[arg-type]
-                                           save_probabilities)
+                    fields = _predict_case(predictor, case, out, package, model, save_probabilities, reading)
                     record.update(status="ok", **fields, outputs=outputs_of(case, save_probabilities))
                     report.done.append(case.id)
                 except MedsegError as e:
@@ -321,7 +375,6 @@ def _run(package: ModelPackage, cases: list[InputCase], out: Path, device: str, 
             report.case_seconds.append(record["runtime_s"])
             report.peak_rss_mb = max(report.peak_rss_mb, peak.peak_mb)
             bar.advance(task)
-    report.summary = write_summary(out, package.labels, images=package.config.data.kind == "image2d")
     return report
 
 
