@@ -73,6 +73,22 @@ def test_gpu_inference_under_autocast_matches_cpu(amp_run: Path, tiny_phantom: P
     assert float((bounded.predict(images).labels == gpu).mean()) > 0.99  # label map inverted with nearest: a voxel at most
 
 
+def test_slab_resampling_on_cuda_equals_cpu() -> None:
+    from monai import transforms as mt
+    from monai.data import MetaTensor
+
+    from medseg.inference.slab_resample import lazy_geometry, resample_in_slabs, spacing_settings
+
+    affine = np.array([[-0.8, 0.05, 0.0, 10.0], [0.02, 0.8, 0.1, -5.0], [0.0, -0.05, 1.5, 3.0], [0, 0, 0, 1]])
+    source = np.random.default_rng(0).integers(-1000, 1000, size=(1, 64, 60, 40)).astype(np.int16)
+    spatial = mt.Compose([mt.Orientationd(keys="image", axcodes="RAS"), mt.Spacingd(keys="image", pixdim=(1.03, 1.17, 1.31))])
+    grid_affine, grid_shape = lazy_geometry(spatial, MetaTensor(torch.zeros(1).expand(source.shape), affine=torch.as_tensor(affine)))
+    settings = spacing_settings(spatial)
+    cpu = resample_in_slabs(source, affine, grid_affine, grid_shape, **settings)
+    gpu = resample_in_slabs(source, affine, grid_affine, grid_shape, device="cuda", **settings)
+    assert gpu.device.type == "cpu" and float((gpu - cpu).abs().max()) < 1e-2
+
+
 def test_predict_cli_on_cuda_writes_masks_in_the_input_geometry(amp_run: Path, tiny_phantom: Path, tmp_path: Path) -> None:
     import nibabel as nib
 

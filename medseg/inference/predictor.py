@@ -291,7 +291,11 @@ class Predictor:
                           **{**settings, "mode": "nearest"})
 
     def probabilities(self, image_paths: list[Path]) -> tuple[torch.Tensor, nib.Nifti1Image]:
-        """Class probabilities (C, *input_shape) in the input's voxel grid, and the input header."""
+        """Class probabilities (C, *input_shape) in the input's voxel grid, and the input header.
+
+        Taken back with MONAI's whole-volume ``Invertd`` (full-size float volumes of every class): the reference
+        the slab-wise path of ``predict`` is tested against, and a convenience for small scans.
+        """
         data, reference = self._from_files(image_paths)
         return self._probabilities(data, image_paths[0]), reference
 
