@@ -283,7 +283,7 @@ class Predictor:
         settings = spacing_settings(self.spatial_raw)
         probe = MetaTensor(torch.zeros(1).expand(source.shape), affine=torch.as_tensor(affine))  # shape only, no memory
         grid_affine, grid_shape = lazy_geometry(self.spatial_raw_in_memory, probe)
-        keep = torch.from_numpy(np.empty(0, dtype=source.dtype)).dtype if source.dtype in STORED_INTEGERS else torch.float32
+        keep = resampled_dtype(source)
         xt = resample_in_slabs(source, affine, grid_affine, grid_shape, out_dtype=keep, device=self.device, **settings)
         out = self._stream_labels(xt, wp)
         del xt
@@ -380,6 +380,17 @@ class Predictor:
         voxel_ml = float(np.prod(voxel_spacing(reference.affine))) / 1000.0
         labels = postprocess(labels, self.cfg.inference, voxel_ml, self.package.labels.values())
         return Prediction(labels, reference, time.perf_counter() - t0, probs, dict(self.last_windows))
+
+
+def resampled_dtype(source: np.ndarray) -> torch.dtype:
+    """The type a raw scan keeps on the model's grid in memory-bounded mode: its own integer type (int8/uint8/
+    int16/int32), int16 for uint16 scans whose values fit (12-bit CT and MR: resampled values stay within the
+    source's range), float32 otherwise."""
+    if source.dtype in STORED_INTEGERS:
+        return torch.from_numpy(np.empty(0, dtype=source.dtype)).dtype
+    if source.dtype == np.uint16 and source.size and int(source.max()) <= np.iinfo(np.int16).max:
+        return torch.int16
+    return torch.float32
 
 
 def argmax_classes(scores: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,8 @@ def test_memory_bounded_mask_overlays_input_exactly(tiny_phantom: Path, tmp_path
     assert np.array_equal(pred.labels, expected_mask(raw)), f"{int((pred.labels != expected_mask(raw)).sum())} differ"
 
 
-def test_memory_bounded_with_resampling_matches_truth(tiny_phantom: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stored", ["int16", "uint16_scaled"])
+def test_memory_bounded_with_resampling_matches_truth(tiny_phantom: Path, tmp_path: Path, stored: str) -> None:
     # As test_geometry's resampling case: a noise-free scan whose oracle answer is the ground truth.
     pkg, m = _package(tmp_path, tiny_phantom, ["data.spacing=[2.0, 2.0, 2.0]"])
     pkg = apply_inference_overrides(pkg, ["inference.memory_bounded=true"])
@@ -47,7 +48,14 @@ def test_memory_bounded_with_resampling_matches_truth(tiny_phantom: Path, tmp_pa
     truth = np.asanyarray(nib.load(m.label_path(case)).dataobj)
     body = np.asanyarray(src.dataobj) > -500
     clean = np.where(body, np.choose(truth, [20, 60, 110, 180]), -1000).astype(np.int16)
-    pred = Predictor(pkg, device="cpu", model=oracle_model()).predict(nib.Nifti1Image(clean, src.affine, src.header))
+    image = nib.Nifti1Image(clean, src.affine, src.header)
+    if stored == "uint16_scaled":  # as dcm2niix writes CT: unsigned stored values, scl_inter -1024
+        image = nib.Nifti1Image((clean.astype(np.int32) + 1024).astype(np.uint16), src.affine)
+        image.header.set_slope_inter(1.0, -1024.0)
+        path = tmp_path / "scaled.nii.gz"
+        nib.save(image, path)
+        image = nib.load(path)
+    pred = Predictor(pkg, device="cpu", model=oracle_model()).predict(image)
     assert pred.labels.shape == src.shape
     # The label map (not the probabilities) is resampled back with nearest interpolation, so boundaries of the
     # small organs move by up to a voxel (Dice ~0.77-0.83 on the 300-voxel spleen); a geometric error (flip,
