@@ -110,10 +110,12 @@ class Predictor:
         if n_given != n_in:
             raise InputError(path, f"model expects {n_in} input channel(s), got {n_given}")
 
-    def _from_files(self, image_paths: list[Path]) -> tuple[dict, nib.Nifti1Image]:
+    def _from_files(self, image_paths: list[Path], steps: Compose | None = None) -> tuple[dict, nib.Nifti1Image]:
+        """Load and preprocess channel files (``steps``: other transforms than the spatial ones, from loading on)."""
         reference = load_nifti(image_paths[0])
         self._check_channels(reference, len(image_paths), image_paths[0])
-        data = self.spatial({"image": [str(p) for p in image_paths] if len(image_paths) > 1 else str(image_paths[0])})
+        files = [str(p) for p in image_paths]
+        data = (steps or self.spatial)({"image": files if len(files) > 1 else files[0]})
         return data, reference
 
     def _from_image(self, image: nib.Nifti1Image, name: str, raw: bool = False, steps: Compose | None = None) -> dict:
@@ -202,12 +204,8 @@ class Predictor:
             logits, box = result
             labels[box] = argmax_classes(logits).cpu()  # on the GPU when there is one: only uint8 crosses
             del logits
-        data["image"] = MetaTensor(torch.empty(0), meta=image.meta, applied_operations=image.applied_operations)
-        del image
-        data["pred"] = MetaTensor(labels[None], meta=data["image"].meta, applied_operations=data["image"].applied_operations)
-        restored = self.invert_nearest(data)["pred"]
-        restored = restored.as_tensor() if isinstance(restored, MetaTensor) else torch.as_tensor(restored)
-        return restored[0].round().to(torch.uint8).numpy() if restored.dtype.is_floating_point else restored[0].numpy()
+        del image  # ``data`` holds the scan until ``_invert_label_map`` swaps it for its metadata
+        return _invert_label_map(self.invert_nearest, data, labels)
 
     @torch.inference_mode()
     def _labels_bounded(self, image: nib.Nifti1Image, name: Path | str) -> np.ndarray:
@@ -265,24 +263,16 @@ class Predictor:
         """No resampling: MONAI's orientation on the raw crop, streamed labels, ``Invertd`` (nearest) back."""
         crop = nib.Nifti1Image(source[0] if source.shape[0] == 1 else np.moveaxis(source, 0, -1), affine)
         data = self._from_image(crop, name, raw=True)
-        x: MetaTensor = data["image"]
-        out = self._stream_labels(x.as_tensor(), wp)
-        data["image"] = MetaTensor(torch.empty(0), meta=x.meta, applied_operations=x.applied_operations)
-        del x  # the oriented scan is no longer needed
-        data["pred"] = MetaTensor(out[None], meta=data["image"].meta, applied_operations=data["image"].applied_operations)
-        del out
-        restored = self.invert_labels(data)["pred"]
-        del data  # the preprocessed-grid label map goes before the caller fills the full-size one
-        restored = restored.as_tensor() if isinstance(restored, MetaTensor) else torch.as_tensor(restored)
-        return restored[0].round().to(torch.uint8).numpy() if restored.dtype.is_floating_point else restored[0].numpy()
+        out = self._stream_labels(data["image"].as_tensor(), wp)
+        return _invert_label_map(self.invert_labels, data, out)
 
     def _bounded_resampled(self, source: np.ndarray, affine: np.ndarray, wp: WindowPredictor, target: torch.Tensor) -> None:
         """Resampled model: the raw crop is resampled to the model's grid slab by slab (kept in its stored integer
         type, rounded: at most half a stored unit, e.g. 0.5 HU), labels are streamed there and resampled back
         (nearest) slab by slab into ``target`` (1, *crop shape), a view of the output mask."""
-        settings = spacing_settings(self.spatial_raw)
+        settings = spacing_settings(self.grid_steps)
         probe = MetaTensor(torch.zeros(1).expand(source.shape), affine=torch.as_tensor(affine))  # shape only, no memory
-        grid_affine, grid_shape = lazy_geometry(self.spatial_raw_in_memory, probe)
+        grid_affine, grid_shape = lazy_geometry(self.grid_steps, probe)
         keep = resampled_dtype(source)
         xt = resample_in_slabs(source, affine, grid_affine, grid_shape, out_dtype=keep, device=self.device, **settings)
         out = self._stream_labels(xt, wp)
@@ -311,7 +301,7 @@ class Predictor:
                 data, reference = self._from_files(source)
             else:
                 data, reference = self._from_image(source, str(name)), source
-            if not with_probabilities and self.cfg.data.spacing is None and self.package.num_classes < 256:
+            if not with_probabilities and self.package.num_classes < 256:
                 return self._labels_unresampled(data, name), reference, None
             probs = self._probabilities(data, name)
             return self._argmax(probs), reference, quantize_probabilities(probs) if with_probabilities else None
@@ -332,13 +322,10 @@ class Predictor:
         (512x512x300 resampled 0.8 -> 1 mm: +6.8 GiB above the scan with MONAI's whole-volume transforms).
         """
         if isinstance(source, list):
-            reference = load_nifti(source[0])
-            self._check_channels(reference, len(source), source[0])
-            files = [str(p) for p in source]
-            loaded: MetaTensor = self.loading({"image": files if len(files) > 1 else files[0]})["image"]
+            data, reference = self._from_files(source, steps=self.loading)
         else:
-            reference = source
-            loaded = self._from_image(source, str(name), steps=self.loading_in_memory)["image"]
+            data, reference = self._from_image(source, str(name), steps=self.loading_in_memory), source
+        loaded: MetaTensor = data.pop("image")
         self._check_finite(loaded.as_tensor(), name)
         src_affine = np.asarray(loaded.affine, dtype=np.float64)
         settings = spacing_settings(self.grid_steps)
@@ -380,6 +367,22 @@ class Predictor:
         voxel_ml = float(np.prod(voxel_spacing(reference.affine))) / 1000.0
         labels = postprocess(labels, self.cfg.inference, voxel_ml, self.package.labels.values())
         return Prediction(labels, reference, time.perf_counter() - t0, probs, dict(self.last_windows))
+
+
+def _invert_label_map(invert: Invertd, data: dict, labels: torch.Tensor) -> np.ndarray:
+    """A uint8 label map on the preprocessed grid taken back to the scan's grid by ``invert`` (nearest), as uint8.
+
+    The preprocessed scan in ``data["image"]`` is first swapped for an empty tensor carrying its metadata (all
+    ``Invertd`` needs), so it is freed before the inversion allocates (callers drop their own references to it).
+    """
+    image = data["image"]
+    data["image"] = MetaTensor(torch.empty(0), meta=image.meta, applied_operations=image.applied_operations)
+    del image
+    data["pred"] = MetaTensor(labels[None], meta=data["image"].meta, applied_operations=data["image"].applied_operations)
+    restored = invert(data)["pred"]
+    data.clear()  # the preprocessed-grid label map goes before the caller fills the full-size one
+    restored = restored.as_tensor() if isinstance(restored, MetaTensor) else torch.as_tensor(restored)
+    return restored[0].round().to(torch.uint8).numpy() if restored.dtype.is_floating_point else restored[0].numpy()
 
 
 def resampled_dtype(source: np.ndarray) -> torch.dtype:
