@@ -95,8 +95,8 @@ def discover_inputs(source: str | Path, split: str | None = None) -> list[InputC
     src = Path(source)
     if not src.exists():
         raise InputError(src, "input not found")
-    if src.suffix.lower() != ".json" and is_image_input(src):  # a manifest of images is read below like any other
-        return [InputCase(cid, (path,)) for cid, path in discover_images(src, split)]
+    if is_image_input(src):  # a manifest of images is read below like any other
+        return [InputCase(cid, (path,)) for cid, path in discover_images(src)]
     if src.is_file() and src.suffix == ".json":
         m = load_manifest(src)
         cases = [c for c in m.cases if split is None or c.split == split]

@@ -28,29 +28,20 @@ from monai.inferers import sliding_window_inference
 
 from medseg.data.transforms import eval_transforms
 from medseg.engine.device import resolve_device, resolve_precision
-from medseg.errors import InputError, MedsegError
+from medseg.errors import InputError
 from medseg.inference.model_package import ModelPackage
 from medseg.inference.predictor import quantize_probabilities
 from medseg.inference.sliding import predictor_for
 from medseg.io.atomic import write_atomic
 from medseg.io.images2d.common import IMAGE_SUFFIXES, image_size, list_images, safe_id, write_index_png
-from medseg.io.manifest import load_manifest
 
 IMAGE_MASK_SUFFIX, IMAGE_PROBS_SUFFIX = ".png", "_probs.npy"
 
 
 def is_image_input(path: Path) -> bool:
-    """A PNG/JPG file, a folder of them (and no NIfTI/DICOM files), or a manifest of 2D images."""
+    """A PNG/JPG file or a folder of them (and no NIfTI/DICOM files). Manifests say it themselves (``holds_images``)."""
     if path.is_file():
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            return True
-        if path.suffix.lower() == ".json":
-            try:
-                m = load_manifest(path)
-            except MedsegError:
-                return False
-            return m.holds_images
-        return False
+        return is_image_file(path)
     if not path.is_dir():
         return False
     names = [p.name.lower() for p in path.iterdir() if p.is_file()]
@@ -64,15 +55,10 @@ def is_image_file(path: Path) -> bool:
     return path.name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def discover_images(path: Path, split: str | None = None) -> list[tuple[str, Path]]:
-    """(id, image path) of a PNG/JPG file, a folder of them, or a 2D-image manifest (optionally one split)."""
-    if path.is_file() and path.suffix.lower() == ".json":
-        m = load_manifest(path)
-        items = [(c.id, m.image_paths(c)[0]) for c in m.cases if split is None or c.split == split]
-    elif path.is_file():
-        items = [(safe_id(path.stem), path)]
-    else:
-        items = [(safe_id(p.stem), p) for p in list_images(path)]
+def discover_images(path: Path) -> list[tuple[str, Path]]:
+    """(id, image path) of a PNG/JPG file or a folder of them (a 2D-image manifest goes through
+    ``batch.discover_inputs`` like any manifest)."""
+    items = [(safe_id(path.stem), path)] if path.is_file() else [(safe_id(p.stem), p) for p in list_images(path)]
     ids = [i for i, _ in items]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
