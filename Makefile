@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medseg-installed
 
-.PHONY: setup demo test test-slow test-gpu benchmarks clean
+.PHONY: setup demo lint test test-slow test-gpu benchmarks clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,12 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/medseg demo --workdir demo_run
 
-test: setup
+lint: setup  # checked style: lint, formatting and types of the package (also part of `make test`)
+	$(VENV)/bin/ruff check medseg
+	$(VENV)/bin/ruff format --check medseg
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q
 
 test-slow: setup

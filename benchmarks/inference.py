@@ -48,7 +48,7 @@ from monai.inferers import sliding_window_inference  # noqa: E402
 
 from medseg.config import load_config  # noqa: E402
 from medseg.data.phantom import write_phantom  # noqa: E402
-from medseg.inference.memory import PeakMemory  # noqa: E402
+from medseg.runtime.memory import PeakMemory  # noqa: E402
 from medseg.inference.model_package import load_package, save_package  # noqa: E402
 from medseg.inference.options import apply_inference_overrides  # noqa: E402
 from medseg.inference.predictor import Predictor  # noqa: E402

@@ -42,20 +42,27 @@ class DataConfig(_Strict):
 
     manifest: Path = Path("data_manifests/phantom.json")
     kind: Literal["volume", "image2d"] = Field(
-        default="volume", description="volume: 3D NIfTI scans; image2d: 2D natural images (PNG/JPG, index-PNG labels)")
+        default="volume", description="volume: 3D NIfTI scans; image2d: 2D natural images (PNG/JPG, index-PNG labels)"
+    )
     ignore_index: int | None = Field(
-        default=None, ge=0, le=255, description="label value of void pixels (VOC: 255): excluded from loss and metrics")
+        default=None, ge=0, le=255, description="label value of void pixels (VOC: 255): excluded from loss and metrics"
+    )
     resize: tuple[int, int] | None = Field(
-        default=None, description="image2d only: resize every image to (height, width) (labels nearest) before cropping")
+        default=None, description="image2d only: resize every image to (height, width) (labels nearest) before cropping"
+    )
     spacing: tuple[float, ...] | None = Field(default=None, description="target voxel spacing (mm); None keeps native")
     orientation: str = "RAS"
     intensity: IntensityConfig = IntensityConfig()
     crop_foreground: bool = True
-    foreground_threshold: float | None = Field(default=None, description="raw intensity above which a voxel is body; None: above the minimum")
+    foreground_threshold: float | None = Field(
+        default=None, description="raw intensity above which a voxel is body; None: above the minimum"
+    )
     patch_size: tuple[int, ...] = (64, 64, 32)
     samples_per_volume: int = Field(default=2, ge=1)
     pos_fraction: float = Field(default=0.67, ge=0.0, le=1.0, description="share of patches centred on foreground")
-    class_ratios: list[float] | None = Field(default=None, description="per-class patch-centre ratios (class-balanced sampling)")
+    class_ratios: list[float] | None = Field(
+        default=None, description="per-class patch-centre ratios (class-balanced sampling)"
+    )
     batch_size: int = Field(default=2, ge=1)
     num_workers: int = Field(default=0, ge=0)
     cache: Literal["memory", "disk", "none"] = "memory"
@@ -132,7 +139,9 @@ class TrainConfig(_Strict):
     grad_accumulation: int = Field(default=1, ge=1)
     hd95_every: int = Field(default=5, ge=0, description="per-organ HD95 (mm) every k epochs at validation; 0: never")
     overlay_cases: int = Field(default=3, ge=0, description="validation cases drawn as PNG overlays of the best epoch")
-    num_threads: int | None = Field(default=None, ge=1, description="torch intra-op CPU threads; None keeps torch's default")
+    num_threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op CPU threads; None keeps torch's default"
+    )
 
 
 class InferenceConfig(_Strict):
@@ -144,21 +153,35 @@ class InferenceConfig(_Strict):
     blend_mode: Literal["gaussian", "constant"] = "gaussian"
     tta_mirror: bool = False
     tta_axes: list[int] | None = Field(
-        default=None, description="spatial axes mirrored by tta_mirror (0 = L-R after RAS); None: all. Mirror only "
-        "axes the model was trained to be invariant to (e.g. [0] with the flip_lr augmentation)")
-    keep_largest_component: bool = Field(default=False, description="keep only the largest connected component of each organ")
+        default=None,
+        description="spatial axes mirrored by tta_mirror (0 = L-R after RAS); None: all. Mirror only "
+        "axes the model was trained to be invariant to (e.g. [0] with the flip_lr augmentation)",
+    )
+    keep_largest_component: bool = Field(
+        default=False, description="keep only the largest connected component of each organ"
+    )
     min_component_voxels: int = Field(default=0, ge=0, description="remove components with fewer voxels (0: off)")
-    min_component_ml: float = Field(default=0.0, ge=0.0, description="remove components smaller than this volume in ml (0: off)")
+    min_component_ml: float = Field(
+        default=0.0, ge=0.0, description="remove components smaller than this volume in ml (0: off)"
+    )
     fill_holes: bool = Field(default=False, description="fill enclosed holes in each organ")
-    memory_bounded: bool = Field(default=False, description="large scans: crop to the body on the raw array, keep it in its "
-                                 "own dtype, normalise window by window, stream the blending slab by slab on the CPU and "
-                                 "invert the label map instead of probabilities")
-    channels_last: bool = Field(default=False, description="run the network on channels-last tensors (outputs equal to "
-                                "~1e-5; no gain measured on CPU; meant for cuDNN under AMP, not measured here)")
+    memory_bounded: bool = Field(
+        default=False,
+        description="large scans: crop to the body on the raw array, keep it in its "
+        "own dtype, normalise window by window, stream the blending slab by slab on the CPU and "
+        "invert the label map instead of probabilities",
+    )
+    channels_last: bool = Field(
+        default=False,
+        description="run the network on channels-last tensors (outputs equal to "
+        "~1e-5; no gain measured on CPU; meant for cuDNN under AMP, not measured here)",
+    )
     window_grid: Literal["body", "whole"] = Field(
-        default="body", description="body: windows tile the body's box (the foreground crop training validated on: "
+        default="body",
+        description="body: windows tile the body's box (the foreground crop training validated on: "
         "predictions reproduce the validation metrics; fewer windows); whole: windows on the whole scan's grid, so body "
-        "voxels get exactly what a plain whole-volume sliding window gives. Body-free windows are skipped in both")
+        "voxels get exactly what a plain whole-volume sliding window gives. Body-free windows are skipped in both",
+    )
 
 
 class TrackingConfig(_Strict):
@@ -217,7 +240,11 @@ class Config(_Strict):
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Flatten nested dicts into dotted keys with string values."""
+    """Flatten nested dicts into dotted keys with string values (``prefix`` ends with its own dot).
+
+    ``{"inference": {"overlap": 0.5}}`` -> ``{"inference.overlap": "0.5"}``; lists stay one value, an empty
+    dict is the value ``"{}"``. The one flattening of MLflow params (``Config.flat``, batch prediction runs).
+    """
     out: dict[str, str] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
@@ -285,7 +312,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a preset (or defaults), apply overrides, validate; errors name the file and key path."""
+    """Load a preset (or defaults), apply overrides, validate the schema; errors name the file and key path.
+
+    Names of models, losses and augmentations are checked against their registries by
+    ``medseg.components.load_checked_config`` (config sits below the modules that register them).
+    """
     raw: dict[str, Any] = {}
     source = "defaults"
     if preset is not None:
@@ -302,31 +333,7 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | None = 
         cfg = Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, source)) from None
-    _check_registry_params(cfg, source)
     return cfg
-
-
-def _check_registry_params(cfg: Config, source: str) -> None:
-    # Imported here: model/loss modules import torch and MONAI, which config loading should not need
-    # until a preset actually names them.
-    from medseg.losses import LOSSES
-    from medseg.models import MODELS, RESERVED_PARAMS
-
-    from medseg.data.transforms import AUGMENTATIONS
-
-    for aug in cfg.data.augmentations:
-        if aug not in AUGMENTATIONS:
-            raise ConfigError(f"{source}: data.augmentations: unknown augmentation {aug!r}; valid names: {', '.join(AUGMENTATIONS.names())}")
-    for section, registry, name, params, reserved in (
-        ("model", MODELS, cfg.model.name, cfg.model.params, RESERVED_PARAMS),
-        ("loss", LOSSES, cfg.loss.name, cfg.loss.params, ("num_classes",)),
-    ):
-        try:
-            registry.check_params(name, params, reserved)
-        except KeyError as e:
-            raise ConfigError(f"{source}: {section}.name: {e.args[0]}") from None
-        except ValueError as e:
-            raise ConfigError(f"{source}: {section}.params: {e}") from None
 
 
 def config_from_yaml_text(text: str, source: str = "config") -> Config:

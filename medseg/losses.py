@@ -78,8 +78,7 @@ class CrossEntropy(nn.Module):
         """Mean (class-weighted) cross-entropy of ``logits`` ``(B, C, ...)`` against ``target`` ``(B, 1, ...)``."""
         if target.ndim != logits.ndim or target.shape[1] != 1:
             raise ValueError(
-                f"target must have shape (B, 1, *spatial) for logits {tuple(logits.shape)}, "
-                f"got {tuple(target.shape)}"
+                f"target must have shape (B, 1, *spatial) for logits {tuple(logits.shape)}, got {tuple(target.shape)}"
             )
         return self.ce(logits, target[:, 0].long())
 
@@ -108,14 +107,12 @@ class CombinedLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Weighted sum of the parts."""
         parts = self.components(logits, target)
-        total: torch.Tensor = sum(self.weights[name] * value for name, value in parts.items())  # type: ignore[assignment]
+        total: torch.Tensor = sum(self.weights[name] * value for name, value in parts.items())  # type: ignore[assignment]  # sum() starts at int 0; a sum of tensors is a tensor
         return total
 
 
 @LOSSES.register("ce")
-def build_ce(
-    num_classes: int, class_weights: list[float] | None = None, label_smoothing: float = 0.0
-) -> nn.Module:
+def build_ce(num_classes: int, class_weights: list[float] | None = None, label_smoothing: float = 0.0) -> nn.Module:
     """Pixel-wise softmax cross-entropy; ``class_weights`` give a weighted mean (torch semantics)."""
     _check_num_classes(num_classes)
     if not 0.0 <= label_smoothing <= 1.0:
@@ -227,7 +224,9 @@ class IgnoreIndex(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss of ``logits`` ``(B, C, ...)`` against ``target`` ``(B, 1, ...)`` over non-void pixels."""
         if target.ndim != logits.ndim or target.shape[1] != 1:
-            raise ValueError(f"target must have shape (B, 1, *spatial) for logits {tuple(logits.shape)}, got {tuple(target.shape)}")
+            raise ValueError(
+                f"target must have shape (B, 1, *spatial) for logits {tuple(logits.shape)}, got {tuple(target.shape)}"
+            )
         keep = target[:, 0] != self.ignore_index
         if not bool(keep.any()):
             return logits.sum() * 0.0
@@ -236,8 +235,9 @@ class IgnoreIndex(nn.Module):
         return self.loss(kept_logits.T.unsqueeze(0), kept_target.reshape(1, 1, -1))
 
 
-def build_loss(name: str, num_classes: int, params: dict[str, Any] | None = None,
-               ignore_index: int | None = None) -> nn.Module:
+def build_loss(
+    name: str, num_classes: int, params: dict[str, Any] | None = None, ignore_index: int | None = None
+) -> nn.Module:
     """Build the loss registered as ``name`` (wrapped in ``IgnoreIndex`` when ``ignore_index`` is given).
 
     Raises ``KeyError`` listing the valid names for an unknown ``name``, and ``ValueError`` naming the key
@@ -258,7 +258,7 @@ class _DeepSupervision(DeepSupervisionLoss):
     nearest-neighbour downsampling of the target for smaller heads is not implemented for integer dtypes.
     """
 
-    def forward(self, input: torch.Tensor | list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:  # noqa: A002
+    def forward(self, input: torch.Tensor | list[torch.Tensor] | None, target: torch.Tensor) -> torch.Tensor:  # noqa: A002
         """Weighted sum of the loss over each output level (level 0 = full resolution, weight 1)."""
         if isinstance(input, torch.Tensor) and input.ndim == target.ndim + 1:
             input = list(torch.unbind(input, dim=1))
@@ -268,9 +268,7 @@ class _DeepSupervision(DeepSupervisionLoss):
         return super().forward(input, target.float())
 
 
-def wrap_deep_supervision(
-    loss: nn.Module, weight_mode: str = "exp", weights: list[float] | None = None
-) -> nn.Module:
+def wrap_deep_supervision(loss: nn.Module, weight_mode: str = "exp", weights: list[float] | None = None) -> nn.Module:
     """Wrap ``loss`` for a model that returns outputs at several scales.
 
     The wrapped loss accepts a single tensor (plain loss), a list/tuple of outputs (finest first;
@@ -281,4 +279,4 @@ def wrap_deep_supervision(
     """
     if weight_mode not in ("exp", "same", "two"):
         raise ValueError(f"unknown weight_mode {weight_mode!r}; valid: exp, same, two")
-    return _DeepSupervision(loss, weight_mode=weight_mode, weights=weights)  # type: ignore[arg-type]
+    return _DeepSupervision(loss, weight_mode=weight_mode, weights=weights)  # type: ignore[arg-type]  # MONAI annotates _Loss; any nn.Module loss works

@@ -36,9 +36,7 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise KeyError(
-                f"unknown {self.kind} {name!r}; valid names: {', '.join(sorted(self._items))}"
-            ) from None
+            raise KeyError(f"unknown {self.kind} {name!r}; valid names: {', '.join(sorted(self._items))}") from None
 
     def names(self) -> list[str]:
         """Sorted registered names."""
@@ -66,6 +64,4 @@ class Registry(Generic[T]):
             if key in reserved:
                 raise ValueError(f"{key!r} is set by medseg, not in config ({self.kind} {name!r})")
             if accepted is not None and key not in accepted:
-                raise ValueError(
-                    f"{self.kind} {name!r} has no parameter {key!r}; valid: {', '.join(sorted(accepted))}"
-                )
+                raise ValueError(f"{self.kind} {name!r} has no parameter {key!r}; valid: {', '.join(sorted(accepted))}")

@@ -1,8 +1,10 @@
 """Experiment tracking behind one interface: MLflow, or a no-op.
 
 Metrics are sent with ``log_batch`` (one HTTP call per epoch, not one per value: a single
-``log_metric`` against a server costs ~50 ms). The default store is a local SQLite file in the working
-folder; ``uri`` points at a tracking server instead.
+``log_metric`` against a server costs ~50 ms). ``MlflowClient.log_batch`` itself splits what it is given into
+requests within MLflow's limits (100 params/tags, 1000 metrics, 1000 entries per request; mlflow/mlflow#6052,
+2022, well before the required mlflow>=2.16), so nothing is chunked here. The default store is a local SQLite
+file in the working folder; ``uri`` points at a tracking server instead.
 """
 
 from __future__ import annotations
@@ -14,10 +16,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from medseg.config import TrackingConfig
+from medseg.errors import MedsegError
 
-_MAX_PARAMS_PER_BATCH = 100
-_MAX_METRICS_PER_BATCH = 1000
-_MAX_PARAM_LEN = 6000
+_MAX_PARAM_LEN = 6000  # MLflow's limit on a param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
 
 
 class Tracker(Protocol):
@@ -114,36 +115,46 @@ class MlflowTracker:
             self.run_id = self.client.create_run(self._experiment_id(), run_name=run_name).info.run_id
         return self.run_id
 
+    @property
+    def _run(self) -> str:
+        """The current run's id; ``MedsegError`` before ``start``."""
+        if self.run_id is None:
+            raise MedsegError("MLflow tracker used before start()")
+        return self.run_id
+
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        existing = self.client.get_run(self.run_id).data.params
-        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items() if k not in existing]
-        for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i : i + _MAX_PARAMS_PER_BATCH])
+        existing = self.client.get_run(self._run).data.params
+        self.client.log_batch(
+            self._run, params=[Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items() if k not in existing]
+        )
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(self._run, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
-        for i in range(0, len(items), _MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i : i + _MAX_METRICS_PER_BATCH])
+        self.client.log_batch(
+            self._run,
+            metrics=[
+                Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None and math.isfinite(float(v))
+            ],
+        )
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            self.client.log_artifacts(self._run, str(path), artifact_path)
         else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            self.client.log_artifact(self._run, str(path), artifact_path)
 
     def logged_steps(self, key: str) -> set[int]:
-        return {int(m.step) for m in self.client.get_metric_history(self.run_id, key)}
+        return {int(m.step) for m in self.client.get_metric_history(self._run, key)}
 
     def register_model(self, artifact_path: str, name: str) -> str | None:
         """Register ``runs:/<run>/<artifact_path>`` (a medseg model package) in the model registry.
@@ -155,13 +166,16 @@ class MlflowTracker:
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.create_registered_model(name, description="medseg model package (model.pt, config.yaml, metadata.json)")
+            self.client.create_registered_model(
+                name, description="medseg model package (model.pt, config.yaml, metadata.json)"
+            )
         except MlflowException as e:
             if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
                 raise
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
-        mv = self.client.create_model_version(name, source=source, run_id=self.run_id,
-                                              tags={"format": "medseg-model-package/1"})
+        source = f"{self.client.get_run(self._run).info.artifact_uri.rstrip('/')}/{artifact_path}"
+        mv = self.client.create_model_version(
+            name, source=source, run_id=self.run_id, tags={"format": "medseg-model-package/1"}
+        )
         return str(mv.version)
 
     def end(self, status: str = "FINISHED") -> None:
@@ -183,8 +197,13 @@ def git_commit(path: str | Path | None = None) -> str:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -101,10 +101,8 @@ def _log_to_file(log_file: Path) -> None:
 
 def run(config_path: Path) -> int:
     """Run the nightly batch described by ``config_path``; returns the exit code."""
-    from medseg.inference.batch import check_probabilities_option, discover_inputs, run_batch
-    from medseg.inference.model_package import load_package
-    from medseg.inference.options import apply_inference_overrides, resolve_shard
-    from medseg.inference.shard import select_shard
+    from medseg.inference.options import resolve_shard
+    from medseg.workflows import PredictionOptionError, describe_prediction, run_prediction
 
     cfg = load_nightly_config(config_path)
     try:
@@ -116,24 +114,18 @@ def run(config_path: Path) -> int:
         _log_to_file(log_file)
         log = logging.getLogger("medseg.nightly")
         log.info("nightly run: model %s, input %s, output %s, shard %s", cfg.model, cfg.input, cfg.output, shard)
-        cases = discover_inputs(cfg.input)
-        cases = select_shard(cases, *shard) if shard else cases
-        package = apply_inference_overrides(load_package(cfg.model, cfg.tracking_uri), cfg.inference)
-        if cfg.save_probabilities:
-            try:
-                check_probabilities_option(package, cases)
-            except ValueError as e:
-                raise UsageError(f"{config_path}: save_probabilities: {e}") from None
-        local_rank = int(os.environ["LOCAL_RANK"]) if os.environ.get("LOCAL_RANK", "").isdigit() else None
-        report = run_batch(package, cases, cfg.output, device=cfg.device, resume=cfg.resume, progress=False,
-                           model_ref=cfg.model, local_rank=local_rank, save_probabilities=cfg.save_probabilities,
-                           mlflow_experiment=cfg.mlflow_experiment, tracking_uri=cfg.tracking_uri, shard=shard)
+        try:
+            report = run_prediction(cfg.model, cfg.input, cfg.output, device=cfg.device, resume=cfg.resume, shard=shard,
+                                    overrides=cfg.inference, tracking_uri=cfg.tracking_uri,
+                                    save_probabilities=cfg.save_probabilities,
+                                    mlflow_experiment=cfg.mlflow_experiment, progress=False)
+        except PredictionOptionError as e:
+            raise UsageError(f"{config_path}: {e.option}: {e.message}") from None
         log.info("%d predicted, %d already done, %d failed; summary %s", len(report.done), len(report.skipped),
                  len(report.failed), report.summary)
         for cid, err in report.failed.items():
             log.error("failed %s: %s", cid, err)
-    print(f"{len(report.done)} predicted, {len(report.skipped)} already done, {len(report.failed)} failed -> "
-          f"{cfg.output} (log {log_file})")
+    print(f"{describe_prediction(report, cfg.output)} (log {log_file})")
     return report.exit_code
 
 

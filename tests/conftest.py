@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
-MEDSEG = [sys.executable, "-m", "medseg.cli"]
+from tests.helpers import MEDSEG, REPO, SHARED_DATA, run_cli  # noqa: F401  (re-exported: older imports)
 
 
 def _free_port() -> int:
@@ -93,11 +91,3 @@ def dicom_dir() -> Path:
         pytest.skip(f"real data not found at {d}")
     return d
 
-
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``medseg`` in a subprocess (the real CLI), returning the completed process."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.run([*MEDSEG, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    if check and p.returncode != 0:
-        raise AssertionError(f"medseg {' '.join(args)} exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
-    return p

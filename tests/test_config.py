@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from medseg.components import load_checked_config
 from medseg.config import CONFIG_DIR, Config, flatten, load_config
 from medseg.errors import ConfigError
 from tests.conftest import run_cli
@@ -52,7 +53,7 @@ def test_overrides_are_typed_and_nested() -> None:
 )
 def test_bad_values_name_the_key(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as err:
-        load_config("phantom_unet3d", [override])
+        load_checked_config("phantom_unet3d", [override])
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
 

@@ -70,9 +70,47 @@ def test_train_predict_evaluate_with_mlflow_server(tmp_path: Path, mlflow_server
 
     # --- evaluate -----------------------------------------------------------------------------------------
     p = run_cli("evaluate", "--pred", str(preds), "--manifest", str(manifest), "--out", str(tmp_path / "eval"))
+    assert "--out is deprecated, use --output" in p.stderr  # the old spelling still works, with a warning
     rows = list(csv.DictReader((tmp_path / "eval" / "metrics_per_case.csv").open()))
     assert {(r["case"], r["organ"]) for r in rows} == {(c, o) for c in val_ids for o in ORGANS}
     assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["n_cases"] == 2 and set(summary["organs"]) == set(ORGANS)
     assert "liver" in p.stdout
+    p = run_cli("evaluate", "--pred", str(preds), "--manifest", str(manifest), "--output", str(tmp_path / "eval2"))
+    assert "deprecated" not in p.stderr
+    assert json.loads((tmp_path / "eval2" / "summary.json").read_text())["n_cases"] == 2
+
+
+# ---- one flag vocabulary: --output everywhere, old spellings hidden and deprecated ------------------------------
+RENAMED = {("data", "import-msd"): "--out", ("data", "import-images"): "--out", ("data", "plan"): "--out",
+           ("evaluate",): "--out"}
+
+
+def test_help_shows_output_not_the_hidden_old_names() -> None:
+    import re
+
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+
+    for cmd, old in RENAMED.items():
+        res = CliRunner().invoke(app, [*cmd, "--help"], env={"COLUMNS": "200"})
+        assert res.exit_code == 0, res.output
+        assert "--output" in res.output, cmd
+        assert not re.search(rf"{old}\b(?!put)", res.output), f"{' '.join(cmd)} --help shows {old}"
+    res = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert "cli-reference" not in res.output
+
+
+def test_output_and_its_old_name_out(phantom_copy: Path, tmp_path: Path) -> None:
+    new = run_cli("data", "plan", str(phantom_copy), "--max-cases", "2", "--output", str(tmp_path / "new.json"))
+    assert json.loads((tmp_path / "new.json").read_text())["plans"] and "deprecated" not in new.stderr
+    old = run_cli("data", "plan", str(phantom_copy), "--max-cases", "2", "--out", str(tmp_path / "old.json"))
+    assert json.loads((tmp_path / "old.json").read_text())["plans"]
+    assert old.stderr.strip().splitlines()[-1] == ("medseg: warning: --out is deprecated, use --output "
+                                                   "(the old name goes in the next release)")
+    both = run_cli("data", "plan", str(phantom_copy), "--output", str(tmp_path / "a.json"), "--out",
+                   str(tmp_path / "b.json"), check=False)
+    assert both.returncode == 2 and "give only --output" in both.stderr
+    assert not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()

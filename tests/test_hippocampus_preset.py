@@ -16,7 +16,7 @@ import pytest
 
 from medseg.config import load_config
 from medseg.io.manifest import Case, Manifest, load_manifest
-from medseg.planning import plan_dataset
+from medseg.planning.volumes import plan_dataset
 from tests.conftest import REPO, run_cli
 
 MANIFEST = REPO / "data_manifests" / "hippocampus.json"

@@ -132,3 +132,17 @@ def test_make_tracker_backends_and_logged_steps(mlflow_server: str) -> None:
     t.end()
     run = MlflowClient(tracking_uri=mlflow_server).get_run(t.run_id)
     assert run.data.params == {"x": "1", "y": "2"} and run.info.status == "FINISHED"
+
+
+def test_batches_over_mlflow_limits_are_logged_whole(mlflow_server: str) -> None:
+    # 250 params (limit 100 per request) and 2,500 metrics (limit 1,000) in one call each: MlflowClient.log_batch
+    # splits them, medseg does not
+    t = make_tracker(TrackingConfig(experiment="tracker-limits"), mlflow_server)
+    t.start(run_name="limits")
+    t.log_params({f"p{i:03d}": i for i in range(250)} | {"long": "x" * 7000})
+    t.log_metrics({f"m{i:04d}": float(i) for i in range(2500)}, step=1)
+    t.end()
+    data = MlflowClient(tracking_uri=mlflow_server).get_run(t.run_id).data
+    assert {k: v for k, v in data.params.items() if k != "long"} == {f"p{i:03d}": str(i) for i in range(250)}
+    assert data.params["long"] == "x" * 6000  # cut to MLflow's param length limit, not rejected
+    assert data.metrics == {f"m{i:04d}": float(i) for i in range(2500)}

@@ -53,7 +53,9 @@ def learning_curve(history: Sequence[dict[str, float]], organs: Sequence[str], p
     return _save(fig, Path(path))
 
 
-def overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, num_classes: int, path: str | Path, title: str = "") -> Path:
+def overlay(
+    image: np.ndarray, truth: np.ndarray, pred: np.ndarray, num_classes: int, path: str | Path, title: str = ""
+) -> Path:
     """Three panels of one 2D slice: image, ground truth over it, prediction over it (one colour per class)."""
     plt = _pyplot()
     cmap = plt.get_cmap("tab10", max(num_classes, 2))
@@ -63,8 +65,14 @@ def overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, num_classes:
         ax.imshow(shown, cmap="gray")
         if mask is not None:
             m = np.rot90(mask).astype(float)
-            ax.imshow(np.ma.masked_where(m == 0, m), cmap=cmap, vmin=0, vmax=max(num_classes - 1, 1), alpha=0.45,
-                      interpolation="nearest")
+            ax.imshow(
+                np.ma.masked_where(m == 0, m),
+                cmap=cmap,
+                vmin=0,
+                vmax=max(num_classes - 1, 1),
+                alpha=0.45,
+                interpolation="nearest",
+            )
             for value in range(1, num_classes):
                 if (m == value).any():
                     ax.contour(m == value, levels=[0.5], colors=[cmap(value)], linewidths=0.8)

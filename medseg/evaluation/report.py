@@ -7,9 +7,9 @@ is an ``InputError`` naming the case, never a silent resample.
 Outputs in ``out_dir`` (each written atomically):
 
 * ``metrics_per_case.csv``: one row per (case, organ) with every metric of ``metrics``
-  (``medseg.evaluation.metrics.METRICS``) and, with ``lesions=True``, the lesion-wise columns
+  (``medseg.metrics.volumetric.METRICS``) and, with ``lesions=True``, the lesion-wise columns
   ``lesion_precision``, ``lesion_recall``, ``lesion_f1``, ``lesion_count_error``, ``lesion_n_truth``,
-  ``lesion_n_pred`` (``medseg.evaluation.lesions``);
+  ``lesion_n_pred`` (``medseg.metrics.lesions``);
 * ``summary.json``: per organ and metric the mean, median, std, 95% bootstrap CI, ``n`` (cases with a
   value) and ``n_nan`` (cases where the metric is undefined, e.g. HD95 with an empty mask: counted, never
   averaged); ``presence`` (per organ, in how many cases truth / prediction are non-empty), ``notes``;
@@ -17,7 +17,7 @@ Outputs in ``out_dir`` (each written atomically):
 * with ``compare_dir``: ``compare_to/`` (the same CSV/JSON for the other folder), ``compare.csv`` and
   ``compare.json``: paired differences per organ and metric (``compare.py``).
 
-Edge cases follow ``medseg.evaluation.metrics``: an organ absent from both masks of a case scores Dice 1.0
+Edge cases follow ``medseg.metrics.volumetric``: an organ absent from both masks of a case scores Dice 1.0
 and NaN distances; an organ absent from every ground truth is named in ``notes``.
 """
 
@@ -32,24 +32,42 @@ from typing import Any
 
 import numpy as np
 
-from medseg.data.validation import AFFINE_ATOL
+from medseg.data.input_checks import AFFINE_ATOL
 from medseg.errors import InputError
-from medseg.evaluation.lesions import lesion_metrics
 from medseg.evaluation.compare import compare_rows, write_comparison
-from medseg.evaluation.metrics import per_class_metrics
 from medseg.evaluation.outputs import json_safe, rows_to_csv
 from medseg.evaluation.plots import write_boxplots
-from medseg.evaluation.stats import summarize
+from medseg.evaluation.progress import Progress
 from medseg.io.atomic import write_json_atomic, write_text_atomic
 from medseg.io.manifest import Manifest, load_manifest
 from medseg.io.nifti import load_nifti, read_array, voxel_spacing
+from medseg.metrics.lesions import lesion_metrics
+from medseg.metrics.stats import summarize
+from medseg.metrics.volumetric import per_class_metrics
 
-DEFAULT_METRICS = ("dice", "iou", "precision", "recall", "hd95", "assd", "nsd", "volume_pred_ml", "volume_truth_ml",
-                   "volume_abs_error_ml", "volume_rel_error")
+DEFAULT_METRICS = (
+    "dice",
+    "iou",
+    "precision",
+    "recall",
+    "hd95",
+    "assd",
+    "nsd",
+    "volume_pred_ml",
+    "volume_truth_ml",
+    "volume_abs_error_ml",
+    "volume_rel_error",
+)
 LESION_METRICS = ("lesion_precision", "lesion_recall", "lesion_f1", "lesion_count_error")
 """Lesion-wise columns that are summarized (``lesion_n_truth`` / ``lesion_n_pred`` are in the CSV only)."""
-_LESION_KEYS = {"precision": "lesion_precision", "recall": "lesion_recall", "f1": "lesion_f1",
-                "count_error": "lesion_count_error", "n_truth": "lesion_n_truth", "n_pred": "lesion_n_pred"}
+_LESION_KEYS = {
+    "precision": "lesion_precision",
+    "recall": "lesion_recall",
+    "f1": "lesion_f1",
+    "count_error": "lesion_count_error",
+    "n_truth": "lesion_n_truth",
+    "n_pred": "lesion_n_pred",
+}
 
 
 @dataclass(frozen=True)
@@ -74,8 +92,9 @@ class CaseResult:
 
 
 # ---- matching and geometry ----------------------------------------------------------------------------
-def match_cases(pred_dir: Path, manifest: Manifest, split: str | None,
-                suffix: str = ".nii.gz") -> tuple[list[tuple[str, Path, Path]], list[str]]:
+def match_cases(
+    pred_dir: Path, manifest: Manifest, split: str | None, suffix: str = ".nii.gz"
+) -> tuple[list[tuple[str, Path, Path]], list[str]]:
     """``(pairs, missing)``: (case id, prediction ``<id><suffix>``, truth) for every labelled case with a
     prediction, and the ids of labelled cases (of ``split``) that have none."""
     if not pred_dir.is_dir():
@@ -91,20 +110,28 @@ def match_cases(pred_dir: Path, manifest: Manifest, split: str | None,
             missing.append(c.id)
     if not pairs:
         where = f" in split {split!r}" if split else ""
-        raise InputError(pred_dir, f"no predictions named <case id>{suffix} match labelled cases{where} of {manifest.path}")
-    return pairs, missing  # type: ignore[return-value]
+        raise InputError(
+            pred_dir, f"no predictions named <case id>{suffix} match labelled cases{where} of {manifest.path}"
+        )
+    return pairs, missing  # type: ignore[return-value]  # label_path is a Path: c.label was checked above
 
 
 def check_geometry(case_id: str, pred: Path, truth: Path) -> tuple[Any, Any]:
     """Both (lazy) images; ``InputError`` naming the case unless their headers agree in shape and affine."""
     pred_img, truth_img = load_nifti(pred), load_nifti(truth)
     if pred_img.shape[:3] != truth_img.shape[:3]:
-        raise InputError(pred, f"case {case_id}: prediction shape {pred_img.shape[:3]} != ground truth {truth_img.shape[:3]} "
-                               "(not resampled; predict in the scan's own geometry)")
+        raise InputError(
+            pred,
+            f"case {case_id}: prediction shape {pred_img.shape[:3]} != ground truth {truth_img.shape[:3]} "
+            "(not resampled; predict in the scan's own geometry)",
+        )
     if not np.allclose(pred_img.affine, truth_img.affine, atol=AFFINE_ATOL):
         worst = float(np.abs(pred_img.affine - truth_img.affine).max())
-        raise InputError(pred, f"case {case_id}: prediction affine differs from the ground truth's by up to {worst:.4g} "
-                               f"(tolerance {AFFINE_ATOL}; not resampled)")
+        raise InputError(
+            pred,
+            f"case {case_id}: prediction affine differs from the ground truth's by up to {worst:.4g} "
+            f"(tolerance {AFFINE_ATOL}; not resampled)",
+        )
     return pred_img, truth_img
 
 
@@ -162,10 +189,12 @@ def _run_job(job: EvalJob) -> CaseResult:
         return CaseResult([], (e.path, e.problem))
 
 
-def compute_rows(jobs: Sequence[EvalJob], workers: int = 1, progress: bool = False, label: str = "evaluating") -> list[dict[str, Any]]:
+def compute_rows(
+    jobs: Sequence[EvalJob], workers: int = 1, progress: bool = False, label: str = "evaluating"
+) -> list[dict[str, Any]]:
     """Per-case rows of every job, in job order; parallel over cases with ``workers`` processes."""
     results: list[CaseResult | None] = [None] * len(jobs)
-    with _Progress(progress, label, len(jobs)) as bar:
+    with Progress(progress, label, len(jobs)) as bar:
         if workers > 1 and len(jobs) > 1:
             with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
                 futures = {pool.submit(_run_job, j): i for i, j in enumerate(jobs)}
@@ -184,32 +213,6 @@ def compute_rows(jobs: Sequence[EvalJob], workers: int = 1, progress: bool = Fal
     return [r for res in results if res is not None for r in res.rows]
 
 
-class _Progress:
-    """A rich progress bar on stderr when enabled (the CLI enables it when stderr is a TTY), else nothing."""
-
-    def __init__(self, enabled: bool, label: str, total: int) -> None:
-        self.enabled, self.label, self.total = enabled, label, total
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                console=Console(stderr=True), transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task(self.label, total=self.total)
-        return self
-
-    def advance(self) -> None:
-        if self.enabled:
-            self.bar.advance(self.task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.stop()
-
-
 # ---- folders ----------------------------------------------------------------------------------------
 @dataclass
 class FolderResult:
@@ -219,9 +222,16 @@ class FolderResult:
     doc: dict[str, Any]
 
 
-def evaluate_folder(pred_dir: str | Path, manifest: Manifest, split: str | None = None,
-                    metrics: Sequence[str] = DEFAULT_METRICS, tolerance_mm: float = 2.0, workers: int = 1,
-                    lesions: bool = False, progress: bool = False) -> FolderResult:
+def evaluate_folder(
+    pred_dir: str | Path,
+    manifest: Manifest,
+    split: str | None = None,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    tolerance_mm: float = 2.0,
+    workers: int = 1,
+    lesions: bool = False,
+    progress: bool = False,
+) -> FolderResult:
     """Check geometry of every pair, then compute per-case rows and the per-organ summary."""
     pred_dir = Path(pred_dir)
     pairs, missing = match_cases(pred_dir, manifest, split)
@@ -232,16 +242,34 @@ def evaluate_folder(pred_dir: str | Path, manifest: Manifest, split: str | None 
     rows = compute_rows(jobs, workers, progress, label=f"evaluating {pred_dir.name}")
     summarized = (*metrics, *LESION_METRICS) if lesions else tuple(metrics)
     presence = _presence(rows, manifest.foreground)
-    notes = [f"{len(missing)} labelled case(s) have no prediction and are not evaluated: {', '.join(missing[:10])}"
-             + (" ..." if len(missing) > 10 else "")] if missing else []
+    notes = (
+        [
+            f"{len(missing)} labelled case(s) have no prediction and are not evaluated: {', '.join(missing[:10])}"
+            + (" ..." if len(missing) > 10 else "")
+        ]
+        if missing
+        else []
+    )
     for organ, counts in presence.items():
         if counts["truth"] == 0:
-            notes.append(f"{organ} is absent from every ground truth: Dice counts an empty prediction as 1.0, "
-                         f"distances are NaN (n_nan), and {counts['pred']} case(s) have a false-positive prediction")
-    doc = {"dataset_name": manifest.name, "dataset_fingerprint": manifest.fingerprint(), "manifest": str(manifest.path),
-           "predictions": str(pred_dir.resolve()), "split": split, "n_cases": len(jobs), "tolerance_mm": tolerance_mm,
-           "metrics": list(summarized), "missing_predictions": missing, "presence": presence, "notes": notes,
-           "organs": summarize_rows(rows, summarized)}
+            notes.append(
+                f"{organ} is absent from every ground truth: Dice counts an empty prediction as 1.0, "
+                f"distances are NaN (n_nan), and {counts['pred']} case(s) have a false-positive prediction"
+            )
+    doc = {
+        "dataset_name": manifest.name,
+        "dataset_fingerprint": manifest.fingerprint(),
+        "manifest": str(manifest.path),
+        "predictions": str(pred_dir.resolve()),
+        "split": split,
+        "n_cases": len(jobs),
+        "tolerance_mm": tolerance_mm,
+        "metrics": list(summarized),
+        "missing_predictions": missing,
+        "presence": presence,
+        "notes": notes,
+        "organs": summarize_rows(rows, summarized),
+    }
     return FolderResult(rows, doc)
 
 
@@ -250,15 +278,27 @@ def _presence(rows: list[dict[str, Any]], labels: dict[str, int]) -> dict[str, d
     out = {}
     for organ in labels:
         mine = [r for r in rows if r["organ"] == organ]
-        out[organ] = {"cases": len(mine),
-                      "truth": sum(1 for r in mine if r.get("volume_truth_ml", 1.0) > 0),
-                      "pred": sum(1 for r in mine if r.get("volume_pred_ml", 1.0) > 0)}
+        out[organ] = {
+            "cases": len(mine),
+            "truth": sum(1 for r in mine if r.get("volume_truth_ml", 1.0) > 0),
+            "pred": sum(1 for r in mine if r.get("volume_pred_ml", 1.0) > 0),
+        }
     return out
 
 
-def evaluate(pred_dir: str | Path, manifest_path: str | Path, out_dir: str | Path | None = None, split: str | None = None,
-             metrics: Sequence[str] = DEFAULT_METRICS, tolerance_mm: float = 2.0, workers: int = 1, lesions: bool = False,
-             compare_dir: str | Path | None = None, plots: bool = True, progress: bool = False) -> dict[str, Any]:
+def evaluate(
+    pred_dir: str | Path,
+    manifest_path: str | Path,
+    out_dir: str | Path | None = None,
+    split: str | None = None,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    tolerance_mm: float = 2.0,
+    workers: int = 1,
+    lesions: bool = False,
+    compare_dir: str | Path | None = None,
+    plots: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Evaluate a prediction folder (and optionally compare it with another); write outputs; return the summary.
 
     ``metrics`` must include ``volume_pred_ml`` and ``volume_truth_ml`` for ``presence`` to be exact (without
@@ -280,11 +320,17 @@ def evaluate(pred_dir: str | Path, manifest_path: str | Path, out_dir: str | Pat
         outputs += write_folder(out / "compare_to", other)
         comparison = compare_rows(main.rows, other.rows, main.doc["metrics"])
         outputs += write_comparison(out, comparison, main.doc["predictions"], other.doc["predictions"])
-        main.doc["compare"] = {"compare_predictions": other.doc["predictions"], "n_paired_cases": comparison.n_paired_cases,
-                               "only_in_predictions": comparison.only_a, "only_in_compare": comparison.only_b}
+        main.doc["compare"] = {
+            "compare_predictions": other.doc["predictions"],
+            "n_paired_cases": comparison.n_paired_cases,
+            "only_in_predictions": comparison.only_a,
+            "only_in_compare": comparison.only_b,
+        }
         if comparison.only_a or comparison.only_b:
-            main.doc["notes"].append(f"comparison pairs {comparison.n_paired_cases} cases by id; unpaired: "
-                                     f"{len(comparison.only_a)} only in --pred, {len(comparison.only_b)} only in --compare")
+            main.doc["notes"].append(
+                f"comparison pairs {comparison.n_paired_cases} cases by id; unpaired: "
+                f"{len(comparison.only_a)} only in --pred, {len(comparison.only_b)} only in --compare"
+            )
         write_json_atomic(out / "summary.json", json_safe(main.doc))
         main.doc["comparison"] = comparison.rows
     main.doc["outputs"] = [str(p) for p in outputs]
@@ -293,8 +339,10 @@ def evaluate(pred_dir: str | Path, manifest_path: str | Path, out_dir: str | Pat
 
 def write_folder(out: Path, result: FolderResult) -> list[Path]:
     """Write ``metrics_per_case.csv`` and ``summary.json`` of one folder's result (atomically)."""
-    return [write_text_atomic(out / "metrics_per_case.csv", rows_to_csv(result.rows)),
-            write_json_atomic(out / "summary.json", json_safe(result.doc))]
+    return [
+        write_text_atomic(out / "metrics_per_case.csv", rows_to_csv(result.rows)),
+        write_json_atomic(out / "summary.json", json_safe(result.doc)),
+    ]
 
 
 def summarize_rows(rows: list[dict[str, Any]], metrics: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:

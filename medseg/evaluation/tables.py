@@ -40,15 +40,44 @@ def summary_table(doc: dict[str, Any], shown: Sequence[str] = SHOWN) -> Table:
 def comparison_table(rows: Sequence[dict[str, Any]], shown: Sequence[str] = SHOWN) -> Table:
     """Per organ and shown metric: paired mean difference (pred - compare) [95% CI], p-value, n."""
     table = Table(title="paired comparison, --pred minus --compare: mean difference [95% CI], Wilcoxon p")
-    for col, just in (("organ", "left"), ("metric", "left"), ("pred", "right"), ("compare", "right"),
-                      ("difference [95% CI]", "right"), ("p", "right"), ("n (NaN)", "right")):
-        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for col, just in (
+        ("organ", "left"),
+        ("metric", "left"),
+        ("pred", "right"),
+        ("compare", "right"),
+        ("difference [95% CI]", "right"),
+        ("p", "right"),
+        ("n (NaN)", "right"),
+    ):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]  # the literals above are rich JustifyMethods
     for r in rows:
         if r["metric"] not in shown:
             continue
         p = r["p_value"]
         p_text = "nan" if p is None or p != p else (f"{p:.2g}" if p >= 1e-4 else "<1e-4")
-        table.add_row(r["organ"], r["metric"], _num(r["mean_pred"]), _num(r["mean_compare"]),
-                      f"{_num(r['mean_diff'])} [{_num(r['ci_low'])}, {_num(r['ci_high'])}]", p_text,
-                      f"{r['n']}" + (f" ({r['n_nan']})" if r["n_nan"] else ""))
+        table.add_row(
+            r["organ"],
+            r["metric"],
+            _num(r["mean_pred"]),
+            _num(r["mean_compare"]),
+            f"{_num(r['mean_diff'])} [{_num(r['ci_low'])}, {_num(r['ci_high'])}]",
+            p_text,
+            f"{r['n']}" + (f" ({r['n_nan']})" if r["n_nan"] else ""),
+        )
     return table
+
+
+def print_summary(doc: dict[str, Any]) -> None:
+    """Print an evaluation summary (volumes or 2D images), its comparison and its notes to stdout."""
+    import sys
+
+    from rich.console import Console
+
+    from medseg.evaluation.images2d import summary_table as image_table
+
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # logs and pipes: do not wrap at 80
+    console.print(image_table(doc) if doc.get("kind") == "image2d" else summary_table(doc))
+    if doc.get("comparison"):
+        console.print(comparison_table(doc["comparison"]))
+    for note in doc.get("notes", []):
+        console.print(f"note: {note}", highlight=False)

@@ -49,10 +49,15 @@ def _put(out: dict[str, float], key: str, value: Any) -> None:
 
 def evaluation_tags(doc: dict[str, Any]) -> dict[str, str]:
     """Run tags describing the evaluation (settings and dataset identity only)."""
-    tags = {"eval.dataset_name": doc.get("dataset_name", ""), "eval.dataset_fingerprint": doc.get("dataset_fingerprint", ""),
-            "eval.split": str(doc.get("split")), "eval.n_cases": str(doc.get("n_cases")),
-            "eval.tolerance_mm": str(doc.get("tolerance_mm")), "eval.metrics": ",".join(doc.get("metrics", [])),
-            "eval.git_commit": git_commit()}
+    tags = {
+        "eval.dataset_name": doc.get("dataset_name", ""),
+        "eval.dataset_fingerprint": doc.get("dataset_fingerprint", ""),
+        "eval.split": str(doc.get("split")),
+        "eval.n_cases": str(doc.get("n_cases")),
+        "eval.tolerance_mm": str(doc.get("tolerance_mm")),
+        "eval.metrics": ",".join(doc.get("metrics", [])),
+        "eval.git_commit": git_commit(),
+    }
     if doc.get("kind") == "image2d":  # no distance tolerance; void pixels instead
         tags.pop("eval.tolerance_mm")
         tags["eval.ignore_index"] = str(doc.get("ignore_index"))
@@ -93,7 +98,9 @@ class EvaluationLogger:
         self.tracker, self.attach_to = tracker, attach_to
 
     @classmethod
-    def open(cls, tracking_uri: str | None = None, run_id: str | None = None, experiment: str | None = None) -> EvaluationLogger:
+    def open(
+        cls, tracking_uri: str | None = None, run_id: str | None = None, experiment: str | None = None
+    ) -> EvaluationLogger:
         """Exactly one of ``run_id`` (attach to that existing run) and ``experiment`` (a new run) is given."""
         if (run_id is None) == (experiment is None):
             raise MedsegError("give exactly one of --mlflow-run-id (attach to a run) and --mlflow-experiment (new run)")
@@ -120,9 +127,14 @@ class EvaluationLogger:
         else:
             tracker.start(run_name="evaluation")
             commit = git_commit()
-            tracker.set_tags({"dataset_name": doc.get("dataset_name", ""),
-                              "dataset_fingerprint": doc.get("dataset_fingerprint", ""),
-                              "git_commit": commit, "mlflow.source.git.commit": commit})
+            tracker.set_tags(
+                {
+                    "dataset_name": doc.get("dataset_name", ""),
+                    "dataset_fingerprint": doc.get("dataset_fingerprint", ""),
+                    "git_commit": commit,
+                    "mlflow.source.git.commit": commit,
+                }
+            )
         status = "FAILED"
         try:
             tracker.set_tags(evaluation_tags(doc))
@@ -135,4 +147,4 @@ class EvaluationLogger:
         finally:
             if self.attach_to is None:
                 tracker.end(status)
-        return tracker.run_id  # type: ignore[return-value]
+        return tracker.run_id  # type: ignore[return-value]  # set above: attached or started

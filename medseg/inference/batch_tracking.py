@@ -20,14 +20,12 @@ of a finished batch stay comparable across nights. ``FAILED`` means the batch it
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from medseg import __version__
+from medseg.config import flatten
 from medseg.inference.model_package import ModelPackage
+from medseg.inference.records import BatchReport
 from medseg.tracking import MlflowTracker, default_tracking_uri
-
-if TYPE_CHECKING:
-    from medseg.inference.batch import BatchReport
 
 _REMOTE_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "http://", "https://")
 
@@ -39,24 +37,19 @@ def model_param(ref: str | None, package: ModelPackage) -> str:
     return Path(ref).name if ref else package.path.name
 
 
-def flatten(prefix: str, value: Any) -> dict[str, Any]:
-    """``{"inference": {"overlap": 0.5}}`` -> ``{"inference.overlap": 0.5}`` (lists stay values)."""
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
-        return out
-    return {prefix: value}
-
-
 def batch_metrics(report: BatchReport) -> dict[str, float]:
     """The aggregate numbers of one batch call (no per-case values)."""
     n_ok, n_failed, n_skipped = len(report.done), len(report.failed), len(report.skipped)
     processed = report.case_seconds
-    return {"n_cases": n_ok + n_failed + n_skipped, "n_ok": n_ok, "n_failed": n_failed, "n_skipped": n_skipped,
-            "total_seconds": round(report.seconds, 3),
-            "mean_seconds_per_case": round(sum(processed) / len(processed), 3) if processed else 0.0,
-            "peak_rss_mib": report.peak_rss_mb}
+    return {
+        "n_cases": n_ok + n_failed + n_skipped,
+        "n_ok": n_ok,
+        "n_failed": n_failed,
+        "n_skipped": n_skipped,
+        "total_seconds": round(report.seconds, 3),
+        "mean_seconds_per_case": round(sum(processed) / len(processed), 3) if processed else 0.0,
+        "peak_rss_mib": report.peak_rss_mb,
+    }
 
 
 class BatchTracking:
@@ -66,20 +59,38 @@ class BatchTracking:
         self.tracker = tracker
 
     @classmethod
-    def start(cls, experiment: str, uri: str | None, package: ModelPackage, model_ref: str | None, device: str,
-              shard: tuple[int, int] | None, save_probabilities: bool = False) -> BatchTracking:
+    def start(
+        cls,
+        experiment: str,
+        uri: str | None,
+        package: ModelPackage,
+        model_ref: str | None,
+        device: str,
+        shard: tuple[int, int] | None,
+        save_probabilities: bool = False,
+    ) -> BatchTracking:
         """Create the run in ``experiment`` at ``uri`` (default ``mlflow.db`` here) and log what will run."""
         tracker = MlflowTracker(uri or default_tracking_uri(), experiment)
         shard_text = f"{shard[0]}/{shard[1]}" if shard else "all"
         tracker.start(run_name=f"predict shard {shard_text.replace('/', 'of')}" if shard else "predict")
-        params = {"model": model_param(model_ref, package), "device": device, "shard": shard_text,
-                  "save_probabilities": save_probabilities}
-        params.update(flatten("inference", package.config.inference.model_dump(mode="json")))
+        params = {
+            "model": model_param(model_ref, package),
+            "device": device,
+            "shard": shard_text,
+            "save_probabilities": save_probabilities,
+        }
+        params.update(flatten(package.config.inference.model_dump(mode="json"), "inference."))
         tracker.log_params(params)
         meta = package.metadata
-        tags = {"medseg.kind": "batch_predict", "medseg.version": __version__, "medseg.data_kind": package.config.data.kind,
-                "medseg.model_name": meta.get("name"), "medseg.model_version": meta.get("version"),
-                "medseg.model_run_id": meta.get("run_id"), "medseg.dataset": meta.get("dataset")}
+        tags = {
+            "medseg.kind": "batch_predict",
+            "medseg.version": __version__,
+            "medseg.data_kind": package.config.data.kind,
+            "medseg.model_name": meta.get("name"),
+            "medseg.model_version": meta.get("version"),
+            "medseg.model_run_id": meta.get("run_id"),
+            "medseg.dataset": meta.get("dataset"),
+        }
         tracker.set_tags({k: v for k, v in tags.items() if v is not None})
         return cls(tracker)
 

@@ -15,7 +15,8 @@ import nibabel as nib
 import numpy as np
 
 from medseg.io.dicom_seg import write_dicom_seg
-from medseg.io.dicom_series import SeriesInfo, read_series, sitk_to_nifti
+from medseg.io.dicom_series import SeriesInfo, read_series
+from medseg.io.sitk_nifti import sitk_to_nifti
 
 
 def load_series_image(info: SeriesInfo) -> nib.Nifti1Image:
@@ -38,9 +39,21 @@ def seg_label_array(labels_xyz: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(labels_xyz.transpose(2, 1, 0))
 
 
-def write_series_seg(labels_xyz: np.ndarray, info: SeriesInfo, label_map: dict[str, int], out_path: Path,
-                     algorithm_name: str, algorithm_version: str) -> Path:
+def write_series_seg(
+    labels_xyz: np.ndarray,
+    info: SeriesInfo,
+    label_map: dict[str, int],
+    out_path: Path,
+    algorithm_name: str,
+    algorithm_version: str,
+) -> Path:
     """Write the mask as a DICOM-SEG referencing the source series, one segment per label name (atomic)."""
     segments = {name: int(v) for name, v in label_map.items() if int(v) != 0}  # background is not a segment
-    return write_dicom_seg(seg_label_array(labels_xyz), info.files, segments, out_path,
-                           algorithm_name=algorithm_name[:64], algorithm_version=algorithm_version[:64])
+    return write_dicom_seg(
+        seg_label_array(labels_xyz),
+        info.files,
+        segments,
+        out_path,
+        algorithm_name=algorithm_name[:64],
+        algorithm_version=algorithm_version[:64],
+    )

@@ -3,8 +3,8 @@
 Each input gives ``<id>.png`` (VOC palette, pixel value = class index) of exactly the input's width and
 height: the image goes through the model's own preprocessing (RGB, ``data.resize``, intensity scaling),
 a sliding window of ``inference.roi_size`` covers it, and when the model works on resized images the
-class scores are resized back (bilinear) before the argmax. ``inference.tta_mirror`` averages the
-softmax with that of the horizontally mirrored image.
+class scores are resized back (bilinear) before the argmax. ``inference.tta_mirror`` mirrors each window
+(``inference.tta_axes``, default the width axis) through the same window function as volumes (``sliding``).
 
 Optional probabilities are ``<id>_probs.npy``: a plain numpy array (``np.save`` with ``allow_pickle=False``,
 so it loads without pickle) of dtype uint8 and shape ``(C, H, W)``, value/255 = probability, quantised
@@ -24,60 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.inferers import sliding_window_inference
 
-from medseg.data.transforms import eval_transforms
-from medseg.engine.device import resolve_device, resolve_precision
-from medseg.errors import InputError
+from medseg.data.kinds import data_kind, eval_transforms
+from medseg.inference.inputs import check_model_kind
+from medseg.inference.label_maps import quantize_probabilities
 from medseg.inference.model_package import ModelPackage
-from medseg.inference.predictor import quantize_probabilities
-from medseg.inference.sliding import predictor_for
+from medseg.inference.sliding import WindowRunner, network_fn, window_logits
 from medseg.io.atomic import write_atomic
-from medseg.io.images2d.common import IMAGE_SUFFIXES, image_size, list_images, safe_id, write_index_png
-
-IMAGE_MASK_SUFFIX, IMAGE_PROBS_SUFFIX = ".png", "_probs.npy"
-
-
-def is_image_input(path: Path) -> bool:
-    """A PNG/JPG file or a folder of them (and no NIfTI/DICOM files). Manifests say it themselves (``holds_images``)."""
-    if path.is_file():
-        return is_image_file(path)
-    if not path.is_dir():
-        return False
-    names = [p.name.lower() for p in path.iterdir() if p.is_file()]
-    if any(n.endswith((".nii", ".nii.gz", ".dcm")) for n in names):  # scans (with stray pictures): the volume path
-        return False
-    return any(n.endswith(IMAGE_SUFFIXES) for n in names)
-
-
-def is_image_file(path: Path) -> bool:
-    """True for a PNG/JPG file name (any case)."""
-    return path.name.lower().endswith(IMAGE_SUFFIXES)
-
-
-def discover_images(path: Path) -> list[tuple[str, Path]]:
-    """(id, image path) of a PNG/JPG file or a folder of them (a 2D-image manifest goes through
-    ``batch.discover_inputs`` like any manifest)."""
-    items = [(safe_id(path.stem), path)] if path.is_file() else [(safe_id(p.stem), p) for p in list_images(path)]
-    ids = [i for i, _ in items]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        raise InputError(path, f"several images map to the same output name: {', '.join(dup[:5])}")
-    if not items:
-        raise InputError(path, "no PNG/JPG images to predict")
-    return items
-
-
-def check_model_kind(package: ModelPackage, images: bool, example: Path | str | None = None) -> None:
-    """``InputError`` (naming the model) unless it was trained on the kind of input given (2D images or volumes)."""
-    trained = package.config.data.kind
-    if (trained == "image2d") == images:
-        return
-    what = "2D images" if trained == "image2d" else "volumes"
-    given = "2D images" if images else "volumes (NIfTI/DICOM)"
-    such = f" such as {Path(example).name}" if example is not None else ""
-    raise InputError(package.path,
-                     f"this model was trained on {what} (data.kind {trained}) and cannot segment {given}{such}")
+from medseg.io.images2d.common import image_size, write_index_png
+from medseg.runtime.device import resolve_device, resolve_precision
 
 
 @dataclass
@@ -99,25 +54,20 @@ class ImagePredictor:
         self.device = resolve_device(device, local_rank)
         self.precision = resolve_precision(cfg.train.amp, self.device)  # AMP on CUDA as for volumes; fp32 on CPU
         self.model = package.build(self.device)
-        self.run = predictor_for(self.model, 2, volume_dims=2)
+        self.run = network_fn(self.model, 2, input_dims=2)
+        self.num_classes = int(package.num_classes)
+        self.mirror_axes = data_kind(cfg).mirror_axes(cfg.inference)
         self.transform = eval_transforms(cfg, with_label=False)
 
     @torch.inference_mode()
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
-        """Softmax ``(1, C, h, w)`` of a preprocessed ``(3, h, w)`` image (mirror TTA if configured)."""
-        inf = self.cfg.inference
-        x = image.unsqueeze(0).to(self.device)
-        views = [False, True] if inf.tta_mirror else [False]
-        total = None
-        for mirror in views:
-            xin = torch.flip(x, dims=(-1,)) if mirror else x
-            with self.precision.autocast(self.device):
-                logits = sliding_window_inference(xin, tuple(self.cfg.roi_size), inf.sw_batch_size, self.run,
-                                                  overlap=inf.overlap, mode=inf.blend_mode).float()
-            probs = torch.softmax(logits, 1)
-            probs = torch.flip(probs, dims=(-1,)) if mirror else probs
-            total = probs if total is None else total + probs
-        return total / len(views)  # type: ignore[operator]
+        """Softmax ``(1, C, h, w)`` of a preprocessed ``(3, h, w)`` image (mirrored per window with
+        ``inference.tta_mirror``: the width axis unless ``inference.tta_axes`` says otherwise)."""
+        runner = WindowRunner(self.run, self.num_classes, mirror_axes=self.mirror_axes)
+        logits = window_logits(
+            image.unsqueeze(0), self.cfg.roi_size, self.cfg.inference, runner, self.device, self.precision
+        )
+        return torch.softmax(logits.float(), 1)
 
     def segment(self, path: Path, with_probabilities: bool = False) -> ImagePrediction:
         """Class-index map (and optionally quantised probabilities) of the image at ``path``, at its own size."""
@@ -147,16 +97,22 @@ def class_pixels(labels: np.ndarray, label_map: dict[str, int]) -> dict[str, dic
     is often a real class, e.g. CamVid's sky)."""
     counts = np.bincount(labels.ravel(), minlength=max(label_map.values()) + 1)
     total = max(int(labels.size), 1)
-    return {name: {"pixels": int(counts[v]), "fraction": round(float(counts[v]) / total, 6)}
-            for name, v in sorted(label_map.items(), key=lambda kv: kv[1])}
+    return {
+        name: {"pixels": int(counts[v]), "fraction": round(float(counts[v]) / total, 6)}
+        for name, v in sorted(label_map.items(), key=lambda kv: kv[1])
+    }
 
 
-def predict_image_case(predictor: ImagePredictor, image: Path, mask_path: Path, probs_path: Path | None,
-                       label_map: dict[str, int]) -> dict[str, Any]:
+def predict_image_case(
+    predictor: ImagePredictor, image: Path, mask_path: Path, probs_path: Path | None, label_map: dict[str, int]
+) -> dict[str, Any]:
     """Segment one image, write its mask (and probabilities when ``probs_path``); returns its record fields."""
     pred = predictor.segment(image, with_probabilities=probs_path is not None)
     if pred.probabilities is not None and probs_path is not None:
         save_image_probabilities(pred.probabilities, probs_path)
     write_index_png(mask_path, pred.labels)
-    return {"seconds": round(pred.seconds, 3), "shape": list(pred.labels.shape),
-            "classes": class_pixels(pred.labels, label_map)}
+    return {
+        "seconds": round(pred.seconds, 3),
+        "shape": list(pred.labels.shape),
+        "classes": class_pixels(pred.labels, label_map),
+    }

@@ -64,23 +64,33 @@ class ModelPackage:
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            raise InputError(weights, f"weights do not fit the architecture in config.yaml ({str(e).splitlines()[0]})") from None
+            raise InputError(
+                weights, f"weights do not fit the architecture in config.yaml ({str(e).splitlines()[0]})"
+            ) from None
         return model.to(device).eval()
 
 
-def save_package(out_dir: str | Path, model: nn.Module, cfg: Config, manifest: Manifest, extra: dict[str, Any] | None = None,
-                 plans: dict[str, Any] | None = None) -> Path:
+def save_package(
+    out_dir: str | Path,
+    model: nn.Module,
+    cfg: Config,
+    manifest: Manifest,
+    extra: dict[str, Any] | None = None,
+    plans: dict[str, Any] | None = None,
+) -> Path:
     """Write a package folder (each file atomically; weights last so a complete ``model.pt`` means done).
 
     ``plans`` (the dataset fingerprint and planned preprocessing of ``medseg data plan``) travel with the
-    model as ``plans.json``, so the package documents how its preprocessing was chosen.
+    model as ``plans.json``, so the package documents how its preprocessing was chosen. The label map and
+    ``num_classes`` leave void out (``Manifest.class_labels(cfg.data.ignore_index)``), as the network does.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": "medseg-model-package/1",
-        "labels": manifest.labels,
-        "num_classes": manifest.num_classes,
+        # void (data.ignore_index) is no class of the model, even where the label map lists it: never predicted
+        "labels": manifest.class_labels(cfg.data.ignore_index),
+        "num_classes": manifest.num_classes_without(cfg.data.ignore_index),
         "in_channels": manifest.num_channels,
         "channel_names": manifest.channel_names,
         "dataset": manifest.name,
@@ -88,8 +98,12 @@ def save_package(out_dir: str | Path, model: nn.Module, cfg: Config, manifest: M
         "orientation": cfg.data.orientation,
         "intensity": cfg.data.intensity.model_dump(),
         "roi_size": list(cfg.roi_size),
-        "versions": {"medseg": medseg.__version__, "torch": torch.__version__, "monai": monai.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "medseg": medseg.__version__,
+            "torch": torch.__version__,
+            "monai": monai.__version__,
+            "python": platform.python_version(),
+        },
         **(extra or {}),
     }
     if plans is not None:
@@ -99,7 +113,7 @@ def save_package(out_dir: str | Path, model: nn.Module, cfg: Config, manifest: M
     write_json_atomic(out / METADATA, meta)
     write_text_atomic(out / MLMODEL, _mlmodel_yaml(meta))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from medseg.engine.checkpoint import save_checkpoint
+    from medseg.runtime.checkpoint import save_checkpoint
 
     save_checkpoint(out / WEIGHTS, state)
     return out
@@ -117,9 +131,16 @@ def _mlmodel_yaml(meta: dict[str, Any]) -> str:
 
     doc = {
         "artifact_path": "model",
-        "flavors": {"medseg": {"format": meta["format"], "weights": WEIGHTS, "config": CONFIG, "metadata": METADATA,
-                               "loader": "medseg.inference.model_package:load_package",
-                               "medseg_version": meta["versions"]["medseg"]}},
+        "flavors": {
+            "medseg": {
+                "format": meta["format"],
+                "weights": WEIGHTS,
+                "config": CONFIG,
+                "metadata": METADATA,
+                "loader": "medseg.inference.model_package:load_package",
+                "medseg_version": meta["versions"]["medseg"],
+            }
+        },
         "model_uuid": None,
         "run_id": meta.get("run_id"),
         "utc_time_created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f"),
@@ -136,7 +157,9 @@ def _download_mlflow(uri: str, tracking_uri: str | None) -> Path:
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as e:
-        raise InputError(uri, f"cannot download model from MLflow ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise InputError(
+            uri, f"cannot download model from MLflow ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
 
 
 def find_package_dir(path: Path) -> Path:
@@ -153,7 +176,11 @@ def find_package_dir(path: Path) -> Path:
 def load_package(ref: str | Path, tracking_uri: str | None = None) -> ModelPackage:
     """Load a package from a folder, a run folder or an MLflow URI."""
     ref_s = str(ref)
-    path = _download_mlflow(ref_s, tracking_uri) if ref_s.startswith(("models:/", "runs:/", "mlflow-artifacts:/")) else Path(ref_s)
+    path = (
+        _download_mlflow(ref_s, tracking_uri)
+        if ref_s.startswith(("models:/", "runs:/", "mlflow-artifacts:/"))
+        else Path(ref_s)
+    )
     if not path.exists():
         raise InputError(path, "model not found")
     pkg = find_package_dir(path)

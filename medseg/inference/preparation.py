@@ -23,7 +23,7 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 
 from medseg.config import Config, DataConfig
-from medseg.data.transforms import ForegroundAbove, preprocessing
+from medseg.data.volume_transforms import ForegroundAbove, preprocessing
 from medseg.inference.window_grid import aligned_box
 
 _NOT_SPATIAL = (mt.CropForegroundd, mt.ScaleIntensityRanged, mt.NormalizeIntensityd)
@@ -58,8 +58,11 @@ class IntensityNormaliser:
     scan needs no float copy (``x``: channel-first tensor or array). Applied through MONAI's own ``NormalizeIntensity`` with those statistics.
     """
 
-    def __init__(self, cfg: Config, x: torch.Tensor | np.ndarray, box: Sequence[slice],
-                 scale: tuple[float, float] = (1.0, 0.0)) -> None:
+    transform: mt.ScaleIntensityRange | mt.NormalizeIntensity
+
+    def __init__(
+        self, cfg: Config, x: torch.Tensor | np.ndarray, box: Sequence[slice], scale: tuple[float, float] = (1.0, 0.0)
+    ) -> None:
         it = cfg.data.intensity
         self.scale = scale  # (slope, inter) of stored values (``io.nifti.read_unscaled``), applied before normalising
         if it.mode in ("ct_window", "range"):
@@ -68,9 +71,10 @@ class IntensityNormaliser:
         means, stds = [], []
         for c in range(x.shape[0]):
             n = total = total_sq = 0.0
-            region = x[(c, *box)]
+            index: tuple[int | slice, ...] = (c, *box)
+            region = x[index]
             for z in range(0, region.shape[-1], STAT_SLAB):
-                v = np.asarray(region[..., z:z + STAT_SLAB], dtype=np.float64) * scale[0] + scale[1]
+                v = np.asarray(region[..., z : z + STAT_SLAB], dtype=np.float64) * scale[0] + scale[1]
                 if it.nonzero:
                     v = v[v != 0]
                 n += v.size
@@ -111,12 +115,12 @@ def raw_body_box(array: np.ndarray, threshold: float) -> tuple[slice, ...] | Non
     slab (no full-size mask); None if there is none."""
     hits = [np.zeros(n, dtype=bool) for n in array.shape[:3]]
     for z in range(0, array.shape[2], STAT_SLAB):
-        body = array[:, :, z:z + STAT_SLAB] > threshold
+        body = array[:, :, z : z + STAT_SLAB] > threshold
         if body.ndim == 4:
-            body = body.any(axis=3)
+            body = np.asarray(body.any(axis=3))
         hits[0] |= body.any(axis=(1, 2))
         hits[1] |= body.any(axis=(0, 2))
-        hits[2][z:z + STAT_SLAB] = body.any(axis=(0, 1))
+        hits[2][z : z + STAT_SLAB] = body.any(axis=(0, 1))
     if not hits[0].any():
         return None
     return tuple(slice(int(np.flatnonzero(h)[0]), int(np.flatnonzero(h)[-1]) + 1) for h in hits)
@@ -127,8 +131,14 @@ def expand_box(box: Sequence[slice], shape: Sequence[int], margin: int) -> tuple
     return tuple(slice(max(b.start - margin, 0), min(b.stop + margin, n)) for b, n in zip(box, shape))
 
 
-def raw_window_box(body: Sequence[slice], shape: Sequence[int], affine: np.ndarray, data: DataConfig,
-                   window: Sequence[int], overlap: float) -> tuple[slice, ...]:
+def raw_window_box(
+    body: Sequence[slice],
+    shape: Sequence[int],
+    affine: np.ndarray,
+    data: DataConfig,
+    window: Sequence[int],
+    overlap: float,
+) -> tuple[slice, ...]:
     """The grid-aligned crop (``window_grid.aligned_box``) of the *reoriented* scan, as a box of the raw array.
 
     Without resampling, reorientation only permutes and flips axes, so the raw box can be cut first (in the
@@ -136,8 +146,9 @@ def raw_window_box(body: Sequence[slice], shape: Sequence[int], affine: np.ndarr
     reoriented whole scan cropped. Uses the orientation transform MONAI's ``Orientationd`` computes.
     """
     labels = (("L", "R"), ("P", "A"), ("I", "S"))
-    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
-                                           nib.orientations.axcodes2ornt(data.orientation, labels=labels))
+    ornt = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt(data.orientation, labels=labels)
+    )
     out_shape = [0] * 3
     out_extent: list[tuple[int, int]] = [(0, 0)] * 3
     for axis in range(3):

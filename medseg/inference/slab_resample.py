@@ -23,6 +23,7 @@ window cannot resample per window; the slab loop and the sub-block arithmetic ar
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -44,12 +45,25 @@ def lazy_geometry(spatial: mt.Compose, image: MetaTensor) -> tuple[np.ndarray, t
     return np.asarray(out.peek_pending_affine(), dtype=np.float64), tuple(int(s) for s in out.peek_pending_shape())
 
 
-def spacing_settings(spatial: mt.Compose) -> dict[str, object]:
+class SpacingSettings(TypedDict):
+    """Interpolation settings of a ``Spacingd``, as ``SpatialResample`` (and ``resample_in_slabs``) take them."""
+
+    mode: str | int
+    padding_mode: str
+    align_corners: bool
+    dtype: np.dtype | type | str | None
+
+
+def spacing_settings(spatial: mt.Compose) -> SpacingSettings:
     """Interpolation settings (mode, padding_mode, align_corners, dtype) of the ``Spacingd`` in ``spatial``."""
     for t in spatial.transforms:
         if isinstance(t, mt.Spacingd):
-            return {"mode": t.mode[0], "padding_mode": t.padding_mode[0], "align_corners": t.align_corners[0],
-                    "dtype": t.dtype[0]}
+            return {
+                "mode": t.mode[0],
+                "padding_mode": t.padding_mode[0],
+                "align_corners": t.align_corners[0],
+                "dtype": t.dtype[0],
+            }
     raise ValueError("the spatial transforms have no Spacingd")
 
 
@@ -61,8 +75,14 @@ def _shifted(affine: np.ndarray, start: Sequence[int]) -> np.ndarray:
 
 def _source_block(src_from_dst: np.ndarray, dst_box: Sequence[slice], src_shape: Sequence[int]) -> tuple[slice, ...]:
     """Source voxels that the target box ``dst_box`` reads (its corners mapped, grown by ``MARGIN``, clipped)."""
-    corners = np.array([[i, j, k, 1.0] for i in (dst_box[0].start, dst_box[0].stop - 1)
-                        for j in (dst_box[1].start, dst_box[1].stop - 1) for k in (dst_box[2].start, dst_box[2].stop - 1)]).T
+    corners = np.array(
+        [
+            [i, j, k, 1.0]
+            for i in (dst_box[0].start, dst_box[0].stop - 1)
+            for j in (dst_box[1].start, dst_box[1].stop - 1)
+            for k in (dst_box[2].start, dst_box[2].stop - 1)
+        ]
+    ).T
     src = (src_from_dst @ corners)[:3]
     lo = np.maximum(np.floor(src.min(1)).astype(int) - MARGIN, 0)
     hi = np.minimum(np.ceil(src.max(1)).astype(int) + MARGIN + 1, np.asarray(src_shape))
@@ -71,12 +91,22 @@ def _source_block(src_from_dst: np.ndarray, dst_box: Sequence[slice], src_shape:
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
-def resample_in_slabs(src: torch.Tensor | np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
-                      dst_shape: Sequence[int], *, mode: object, padding_mode: object, align_corners: bool,
-                      dtype: object = np.float64, out: torch.Tensor | None = None,
-                      out_dtype: torch.dtype = torch.float32, slab: int = SLAB,
-                      emit: Callable[[int, torch.Tensor], None] | None = None,
-                      device: torch.device | str = "cpu") -> torch.Tensor | None:
+def resample_in_slabs(
+    src: torch.Tensor | np.ndarray,
+    src_affine: np.ndarray,
+    dst_affine: np.ndarray,
+    dst_shape: Sequence[int],
+    *,
+    mode: str | int,
+    padding_mode: str,
+    align_corners: bool,
+    dtype: np.dtype | type | str | None = np.float64,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    slab: int = SLAB,
+    emit: Callable[[int, torch.Tensor], None] | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor | None:
     """``src`` (C, X, Y, Z; any dtype, e.g. a raw int16 view) with voxel-to-world ``src_affine``, resampled onto the
     grid ``dst_affine`` / ``dst_shape`` as MONAI's ``SpatialResample`` would in one call, slab by slab.
 
@@ -97,10 +127,13 @@ def resample_in_slabs(src: torch.Tensor | np.ndarray, src_affine: np.ndarray, ds
         dst_box = (slice(0, dst_shape[0]), slice(0, dst_shape[1]), slice(z0, z1))
         block = _source_block(src_from_dst, dst_box, src.shape[1:])
         sub = src[(slice(None), *block)]
-        sub = (torch.from_numpy(np.ascontiguousarray(sub)) if isinstance(sub, np.ndarray) else sub.contiguous())
+        sub = torch.from_numpy(np.ascontiguousarray(sub)) if isinstance(sub, np.ndarray) else sub.contiguous()
         sub = sub.to(device, non_blocking=True).float()
-        part = resampler(MetaTensor(sub, affine=torch.as_tensor(_shifted(src_affine, [b.start for b in block]))),
-                         dst_affine=torch.as_tensor(_shifted(dst_affine, [0, 0, z0])), spatial_size=(*dst_shape[:2], z1 - z0))
+        part = resampler(
+            MetaTensor(sub, affine=torch.as_tensor(_shifted(src_affine, [b.start for b in block]))),
+            dst_affine=torch.as_tensor(_shifted(dst_affine, [0, 0, z0])),
+            spatial_size=(*dst_shape[:2], z1 - z0),
+        )
         part = part.as_tensor() if isinstance(part, MetaTensor) else torch.as_tensor(part)
         if emit is not None:
             emit(z0, part)

@@ -27,10 +27,20 @@ Emit = Callable[[int, torch.Tensor], None]  # (first slice index along the last 
 
 
 @torch.inference_mode()
-def streaming_sliding_window(image: torch.Tensor, roi: Sequence[int], sw_batch_size: int,
-                             predictor: Callable[[torch.Tensor, list[list[slice]]], torch.Tensor], num_classes: int,
-                             emit: Emit, *, overlap: float = 0.25, mode: str = "gaussian", sigma_scale: float = 0.125,
-                             sw_device: torch.device | str = "cpu", acc_dtype: torch.dtype = torch.float32) -> None:
+def streaming_sliding_window(
+    image: torch.Tensor,
+    roi: Sequence[int],
+    sw_batch_size: int,
+    predictor: Callable[[torch.Tensor, list[list[slice]]], torch.Tensor],
+    num_classes: int,
+    emit: Emit,
+    *,
+    overlap: float = 0.25,
+    mode: str = "gaussian",
+    sigma_scale: float = 0.125,
+    sw_device: torch.device | str = "cpu",
+    acc_dtype: torch.dtype = torch.float32,
+) -> None:
     """Blend windows of ``image`` (channels first, no batch axis; any dtype, kept on the CPU) slab by slab.
 
     ``predictor(windows, coords)`` gets a (B, C_in, *roi) batch on ``sw_device`` and MONAI-style window
@@ -46,7 +56,7 @@ def streaming_sliding_window(image: torch.Tensor, roi: Sequence[int], sw_batch_s
     x = F.pad(image, pad) if any(pad) else image
     size = list(x.shape[1:])
     starts = grid_starts(size, roi, overlap)
-    weight = compute_importance_map(roi, mode=mode, sigma_scale=sigma_scale, device="cpu", dtype=torch.float32)
+    weight = compute_importance_map(tuple(roi), mode=mode, sigma_scale=sigma_scale, device="cpu", dtype=torch.float32)
 
     depth = roi[-1]
     acc = torch.zeros((num_classes, *size[:-1], depth), dtype=acc_dtype)
@@ -70,14 +80,14 @@ def streaming_sliding_window(image: torch.Tensor, roi: Sequence[int], sw_batch_s
             # a chunk never overlap, so no temporary copy of the accumulator is needed.
             for k in range(0, max(depth - shift, 0), shift):
                 c = min(shift, depth - shift - k)
-                acc[..., k:k + c] = acc[..., shift + k:shift + k + c]
-                wsum[..., k:k + c] = wsum[..., shift + k:shift + k + c]
-            acc[..., max(depth - shift, 0):] = 0
-            wsum[..., max(depth - shift, 0):] = 0
+                acc[..., k : k + c] = acc[..., shift + k : shift + k + c]
+                wsum[..., k : k + c] = wsum[..., shift + k : shift + k + c]
+            acc[..., max(depth - shift, 0) :] = 0
+            wsum[..., max(depth - shift, 0) :] = 0
             base = z
         windows = list(itertools.product(*starts[:-1]))
         for i in range(0, len(windows), sw_batch_size):
-            group = windows[i:i + sw_batch_size]
+            group = windows[i : i + sw_batch_size]
             boxes = [[slice(s, s + r) for s, r in zip(w, roi[:-1])] + [slice(z, z + depth)] for w in group]
             batch = torch.stack([x[(slice(None), *b)] for b in boxes]).to(sw_device, non_blocking=True)
             coords = [[slice(0, 1), slice(None), *b] for b in boxes]

@@ -1,6 +1,6 @@
 """Where MONAI's sliding windows fall, and which of them can be skipped without changing the output.
 
-``sliding_window_inference`` puts windows on a fixed grid (``_get_scan_interval`` + ``dense_patch_slices``):
+``sliding_window_inference`` puts windows on a fixed grid (its scan interval + ``dense_patch_slices``):
 starts ``0, s, 2s, ...`` with ``s = int(roi * (1 - overlap))`` and the last window moved back to end at the
 image edge. Two facts make body-aware inference exact:
 
@@ -18,11 +18,11 @@ because MONAI has no notion of a crop that keeps a larger image's window grid.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
 from monai.data.utils import dense_patch_slices
-from monai.inferers.utils import _get_scan_interval
 
 
 def roi_padding(spatial: Sequence[int], roi: Sequence[int]) -> list[int]:
@@ -35,16 +35,27 @@ def roi_padding(spatial: Sequence[int], roi: Sequence[int]) -> list[int]:
     return pad
 
 
+def scan_interval(size: Sequence[int], roi: Sequence[int], overlap: float) -> list[int]:
+    """Window step per axis as ``sliding_window_inference`` takes it: ``int(roi * (1 - overlap))`` (at least 1),
+    the ROI itself on an axis exactly the ROI's size.
+
+    Written out because MONAI's own (``monai.inferers.utils._get_scan_interval``) is private; a test checks
+    the two agree, so a change in MONAI's grid is caught.
+    """
+    return [int(r) if int(r) == int(n) else max(int(int(r) * (1 - overlap)), 1) for n, r in zip(size, roi)]
+
+
 def grid_starts(size: Sequence[int], roi: Sequence[int], overlap: float) -> list[list[int]]:
     """Window start indices per spatial axis, exactly as ``sliding_window_inference`` places them.
 
     Axes shorter than the ROI are padded by MONAI to the ROI: they have one window starting at 0.
     """
     padded = [max(int(n), int(r)) for n, r in zip(size, roi)]
-    interval = _get_scan_interval(padded, list(roi), len(padded), [overlap] * len(padded))
+    interval = scan_interval(padded, roi, overlap)
     starts: list[list[int]] = []
     for n, r, s in zip(padded, roi, interval):
-        one_axis = dense_patch_slices([n], [r], [s], return_slice=False)
+        # MONAI annotates only the slice form; return_slice=False gives (start, stop) index pairs.
+        one_axis = cast(list[tuple[tuple[int, int], ...]], dense_patch_slices([n], [r], [s], return_slice=False))
         starts.append(sorted({int(w[0][0]) for w in one_axis}))
     return starts
 
@@ -56,8 +67,10 @@ def body_extent(body: np.ndarray | torch.Tensor) -> list[tuple[int, int]] | None
         projections = [b]
     else:  # two passes over the mask, not one per axis: the last axis, then the others from their plane
         plane = b.any(dim=-1)
-        projections = [plane if plane.ndim == 1 else plane.any(dim=[a for a in range(plane.ndim) if a != axis])
-                       for axis in range(plane.ndim)]
+        projections = [
+            plane if plane.ndim == 1 else plane.any(dim=[a for a in range(plane.ndim) if a != axis])
+            for axis in range(plane.ndim)
+        ]
         projections.append(b.any(dim=list(range(b.ndim - 1))))
     out = []
     for hits in projections:
@@ -68,8 +81,9 @@ def body_extent(body: np.ndarray | torch.Tensor) -> list[tuple[int, int]] | None
     return out
 
 
-def aligned_box(size: Sequence[int], roi: Sequence[int], overlap: float,
-                extent: Sequence[tuple[int, int]]) -> tuple[slice, ...]:
+def aligned_box(
+    size: Sequence[int], roi: Sequence[int], overlap: float, extent: Sequence[tuple[int, int]]
+) -> tuple[slice, ...]:
     """The smallest box on the window grid of ``size`` covering every window that meets ``extent``.
 
     MONAI run on the box yields exactly the whole-volume windows that lie in it (module docstring). Axes
@@ -111,7 +125,8 @@ class BodyWindows:
             plane = self.body[..., last.start]
         else:
             key = (int(last.start), int(last.stop))
-            plane = self._planes.get(key)
-            if plane is None:
-                plane = self._planes[key] = self.body[..., last].any(dim=-1)
+            cached = self._planes.get(key)
+            if cached is None:
+                cached = self._planes[key] = self.body[..., last].any(dim=-1)
+            plane = cached
         return not bool(plane[tuple(lead)].any())

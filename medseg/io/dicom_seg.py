@@ -12,8 +12,8 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
-from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
@@ -22,8 +22,17 @@ from medseg.io.dicom_series import SeriesInfo
 DEFAULT_CATEGORY = codes.SCT.Tissue  # SCT 85756007, CID 7150 "Segmentation Property Categories"
 DEFAULT_TYPE = codes.SCT.Tissue
 # Type 2 Patient/Study attributes highdicom copies from the source images into the SEG.
-_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
-                 "StudyDate", "StudyTime", "ReferringPhysicianName")
+_TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "AccessionNumber",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
 
 
 def write_dicom_seg(
@@ -47,20 +56,8 @@ def write_dicom_seg(
     """
     out_path = Path(out_path)
     labels = _check_label_map(label_map)
-    sources = [pydicom.dcmread(Path(f), stop_before_pixels=True) for f in source_files]
-    for ds in sources:  # derived series (e.g. crops) may lack these; highdicom copies them and needs them present
-        for keyword in _TYPE2_COPIED:
-            if keyword not in ds:
-                setattr(ds, keyword, "")  # type 2: empty is valid ("unknown"); only the in-memory copy changes
-    expected = (len(sources), int(sources[0].Rows), int(sources[0].Columns)) if sources else None
-    if label_array.shape != expected:
-        raise ValueError(f"label array shape {label_array.shape} != source series (slices, rows, cols) {expected}")
-    if not (np.issubdtype(label_array.dtype, np.integer) or label_array.dtype == bool):
-        raise ValueError(f"label array must hold integers, got {label_array.dtype}")
-    unknown = sorted(set(np.unique(label_array).tolist()) - {0, *label_map.values()})
-    if unknown:
-        raise ValueError(f"label values {unknown} are not in the label map {label_map}")
-
+    sources = _read_sources(source_files)
+    _check_labels_fit(label_array, sources, label_map)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name, version=algorithm_version, family=codes.cid7162.ArtificialIntelligence
     )
@@ -68,11 +65,16 @@ def write_dicom_seg(
     segment_of_label = np.zeros(max(labels.values()) + 1, dtype=np.uint16)
     for number, (name, value) in enumerate(sorted(labels.items(), key=lambda kv: kv[1]), start=1):
         category, prop_type = (segment_codes or {}).get(name, (DEFAULT_CATEGORY, DEFAULT_TYPE))
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=number, segment_label=name, segmented_property_category=category,
-            segmented_property_type=prop_type, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-        ))
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=name,
+                segmented_property_category=category,
+                segmented_property_type=prop_type,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+            )
+        )
         segment_of_label[value] = number
     seg = hd.seg.Segmentation(
         source_images=sources,
@@ -93,6 +95,28 @@ def write_dicom_seg(
     with atomic_path(out_path, suffix=".dcm") as tmp:
         seg.save_as(tmp)
     return out_path
+
+
+def _read_sources(source_files: Sequence[Path]) -> list[pydicom.Dataset]:
+    """Headers of the source slices, with the type-2 attributes highdicom copies present (empty if absent)."""
+    sources: list[pydicom.Dataset] = [pydicom.dcmread(Path(f), stop_before_pixels=True) for f in source_files]
+    for ds in sources:  # derived series (e.g. crops) may lack these; highdicom copies them and needs them present
+        for keyword in _TYPE2_COPIED:
+            if keyword not in ds:
+                setattr(ds, keyword, "")  # type 2: empty is valid ("unknown"); only the in-memory copy changes
+    return sources
+
+
+def _check_labels_fit(label_array: np.ndarray, sources: list[pydicom.Dataset], label_map: dict[str, int]) -> None:
+    """``ValueError`` unless the array is integer, (slices, rows, cols) of the series, with known values."""
+    expected = (len(sources), int(sources[0].Rows), int(sources[0].Columns)) if sources else None
+    if label_array.shape != expected:
+        raise ValueError(f"label array shape {label_array.shape} != source series (slices, rows, cols) {expected}")
+    if not (np.issubdtype(label_array.dtype, np.integer) or label_array.dtype == bool):
+        raise ValueError(f"label array must hold integers, got {label_array.dtype}")
+    unknown = sorted(set(np.unique(label_array).tolist()) - {0, *label_map.values()})
+    if unknown:
+        raise ValueError(f"label values {unknown} are not in the label map {label_map}")
 
 
 def read_dicom_seg(path: Path, source_info: SeriesInfo, label_map: Mapping[str, int] | None = None) -> np.ndarray:

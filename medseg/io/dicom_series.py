@@ -12,15 +12,11 @@ Rules kept here:
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pydicom
 import SimpleITK as sitk
@@ -28,6 +24,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from medseg.errors import InputError
+from medseg.io.dicom_case_ids import case_ids, identifier_tokens
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +46,6 @@ _NON_IMAGE_SOP_PREFIXES = (
     "1.2.840.10008.5.1.4.1.1.481.4",  # RT beams treatment record
     "1.2.840.10008.5.1.4.1.1.481.5",  # RT plan
 )
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
 @dataclass(frozen=True)
@@ -102,11 +98,6 @@ class DicomScan:
     skipped: tuple[Path, ...]
 
 
-def uid_hash(uid: str, n: int = 10) -> str:
-    """Short, stable, non-identifying name for a UID."""
-    return hashlib.sha1(uid.encode()).hexdigest()[:n]
-
-
 def scan_dicom_folder(root: Path) -> DicomScan:
     """Read every file's header under ``root`` (recursively) and group DICOM files by series."""
     root = Path(root)
@@ -129,15 +120,21 @@ def scan_dicom_folder(root: Path) -> DicomScan:
             continue
         by_uid[uid].append(_slice_header(path, ds))
         modality, tokens = meta.get(uid, (str(ds.get("Modality", "") or ""), set()))
-        meta[uid] = (modality, tokens | _identifier_tokens(ds))
-    ids = _case_ids({u: [h.path for h in hs] for u, hs in by_uid.items()}, {u: m[1] for u, m in meta.items()})
+        meta[uid] = (modality, tokens | identifier_tokens(ds))
+    ids = case_ids({u: [h.path for h in hs] for u, hs in by_uid.items()}, {u: m[1] for u, m in meta.items()})
     series = []
     for uid, headers in by_uid.items():
         ordered = _sort_slices(headers)
-        series.append(SeriesInfo(
-            uid=uid, files=tuple(h.path for h in ordered), case_id=ids[uid], modality=meta[uid][0],
-            n_slices=len(ordered), slices=tuple(ordered),
-        ))
+        series.append(
+            SeriesInfo(
+                uid=uid,
+                files=tuple(h.path for h in ordered),
+                case_id=ids[uid],
+                modality=meta[uid][0],
+                n_slices=len(ordered),
+                slices=tuple(ordered),
+            )
+        )
     series.sort(key=lambda s: str(s.files[0]))
     log.info("%s: %d DICOM series, %d other files skipped", root, len(series), len(skipped))
     return DicomScan(series=series, skipped=tuple(skipped))
@@ -156,42 +153,74 @@ def validate_series(info: SeriesInfo) -> None:
             raise InputError(s.path, problem)
     if info.n_slices < 2:
         raise InputError(info.folder, f"fewer than 2 slices (found {info.n_slices}); a volume needs at least 2")
+    _check_same_frame(info)
+    _check_steps(info)
+
+
+def _check_same_frame(info: SeriesInfo) -> None:
+    """Every slice has the first slice's rows/columns, pixel spacing and orientation (within tolerance)."""
     first = info.slices[0]
+    _, first_orientation, first_spacing = _placed(first)
     for s in info.slices[1:]:
+        _, orientation, spacing = _placed(s)
         if (s.rows, s.columns) != (first.rows, first.columns):
-            raise InputError(s.path, f"mixed rows/columns in series: {s.rows}x{s.columns} here, "
-                                     f"{first.rows}x{first.columns} in {first.path.name}")
-        if np.max(np.abs(np.subtract(s.pixel_spacing, first.pixel_spacing))) > PIXEL_SPACING_TOLERANCE_MM:
-            raise InputError(s.path, f"mixed pixel spacing in series: {list(s.pixel_spacing)} here, "
-                                     f"{list(first.pixel_spacing)} in {first.path.name}")
-        dev = float(np.max(np.abs(np.subtract(s.orientation, first.orientation))))
+            raise InputError(
+                s.path,
+                f"mixed rows/columns in series: {s.rows}x{s.columns} here, "
+                f"{first.rows}x{first.columns} in {first.path.name}",
+            )
+        if np.max(np.abs(np.subtract(spacing, first_spacing))) > PIXEL_SPACING_TOLERANCE_MM:
+            raise InputError(
+                s.path,
+                f"mixed pixel spacing in series: {list(spacing)} here, {list(first_spacing)} in {first.path.name}",
+            )
+        dev = float(np.max(np.abs(np.subtract(orientation, first_orientation))))
         if dev > ORIENTATION_TOLERANCE:
-            raise InputError(s.path, f"mixed orientations in series: ImageOrientationPatient differs from "
-                                     f"{first.path.name} by up to {dev:.3g} (tolerance {ORIENTATION_TOLERANCE:g})")
-    normal = _normal(first.orientation)
-    pos = np.array([s.position for s in info.slices])
+            raise InputError(
+                s.path,
+                f"mixed orientations in series: ImageOrientationPatient differs from "
+                f"{first.path.name} by up to {dev:.3g} (tolerance {ORIENTATION_TOLERANCE:g})",
+            )
+
+
+def _check_steps(info: SeriesInfo) -> None:
+    """Slice positions along the normal: no duplicates, no gaps, even spacing, no in-plane shear."""
+    normal = _normal(_placed(info.slices[0])[1])
+    pos = np.array([_placed(s)[0] for s in info.slices])
     steps = np.diff(pos @ normal)
     names = [s.path.name for s in info.slices]
     tol = max(STEP_TOLERANCE_MM, 1e-3 * float(np.median(steps)))
     if np.any(steps <= tol):
         i = int(np.argmin(steps))
-        raise InputError(info.folder, f"duplicate slice positions: {names[i]} and {names[i + 1]} lie at the "
-                                      "same position along the slice normal (several echoes, phases or "
-                                      "time points in one series?)")
+        raise InputError(
+            info.folder,
+            f"duplicate slice positions: {names[i]} and {names[i + 1]} lie at the "
+            "same position along the slice normal (several echoes, phases or "
+            "time points in one series?)",
+        )
     median = float(np.median(steps))
     if np.any(steps > MISSING_SLICE_FACTOR * median):
         i = int(np.argmax(steps))
-        raise InputError(info.folder, f"missing slice(s): a gap of {steps[i]:.4g} mm between {names[i]} and "
-                                      f"{names[i + 1]} is {steps[i] / median:.2g}x the median step "
-                                      f"{median:.4g} mm")
+        raise InputError(
+            info.folder,
+            f"missing slice(s): a gap of {steps[i]:.4g} mm between {names[i]} and "
+            f"{names[i + 1]} is {steps[i] / median:.2g}x the median step "
+            f"{median:.4g} mm",
+        )
     if np.any(np.abs(steps - median) > tol):
         i = int(np.argmax(np.abs(steps - median)))
-        raise InputError(info.folder, f"inconsistent slice spacing: step {steps[i]:.4g} mm between {names[i]} and "
-                                      f"{names[i + 1]}, median {median:.4g} mm (tolerance {tol:.2g} mm)")
+        raise InputError(
+            info.folder,
+            f"inconsistent slice spacing: step {steps[i]:.4g} mm between {names[i]} and "
+            f"{names[i + 1]}, median {median:.4g} mm (tolerance {tol:.2g} mm)",
+        )
     lateral = np.linalg.norm(np.diff(pos, axis=0) - np.outer(steps, normal), axis=1)
     if np.any(lateral > tol):
-        raise InputError(info.folder, f"sheared stack: slice positions shift up to {lateral.max():.3g} mm within "
-                                      "the slice plane (gantry tilt?); resample it before use")
+        raise InputError(
+            info.folder,
+            f"sheared stack: slice positions shift up to {lateral.max():.3g} mm within "
+            "the slice plane (gantry tilt?); resample it before use",
+        )
 
 
 def read_series(info: SeriesInfo) -> sitk.Image:
@@ -208,48 +237,13 @@ def read_series(info: SeriesInfo) -> sitk.Image:
     volume = _rescale(planes, slopes, intercepts)
     image = sitk.GetImageFromArray(volume)
     first = info.slices[0]
-    normal = _normal(first.orientation)
-    d = np.array([s.position for s in info.slices]) @ normal
-    row, col = np.array(first.orientation[:3]), np.array(first.orientation[3:])
-    image.SetOrigin(tuple(float(x) for x in first.position))
-    image.SetSpacing((first.pixel_spacing[1], first.pixel_spacing[0], float(d[-1] - d[0]) / (len(d) - 1)))
+    first_position, first_orientation, first_spacing = _placed(first)
+    normal = _normal(first_orientation)
+    d = np.array([_placed(s)[0] for s in info.slices]) @ normal
+    row, col = np.array(first_orientation[:3]), np.array(first_orientation[3:])
+    image.SetOrigin(tuple(float(x) for x in first_position))
+    image.SetSpacing((first_spacing[1], first_spacing[0], float(d[-1] - d[0]) / (len(d) - 1)))
     image.SetDirection(tuple(float(x) for x in np.column_stack([row, col, normal]).ravel()))
-    return image
-
-
-def image_affine_ras(image: sitk.Image) -> np.ndarray:
-    """4x4 RAS voxel-to-world affine (NIfTI convention) of a 3D SimpleITK image (LPS)."""
-    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
-    affine = np.eye(4)
-    affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(image.GetSpacing())
-    affine[:3, 3] = _LPS_TO_RAS @ np.array(image.GetOrigin(), dtype=float)
-    return affine
-
-
-def sitk_to_nifti(image: sitk.Image) -> nib.Nifti1Image:
-    """Convert a 3D scalar SimpleITK image (LPS) to NIfTI (RAS), as ``sitk.WriteImage`` would write it."""
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"need a 3D scalar image, got {image.GetDimension()}D with "
-                         f"{image.GetNumberOfComponentsPerPixel()} components")
-    affine = image_affine_ras(image)
-    nii = nib.Nifti1Image(sitk.GetArrayFromImage(image).transpose(2, 1, 0), affine)
-    nii.set_qform(affine, code=1)  # scanner coordinates, like ITK
-    nii.set_sform(affine, code=1)
-    nii.header.set_xyzt_units("mm")
-    return nii
-
-
-def nifti_to_sitk(nii: nib.Nifti1Image) -> sitk.Image:
-    """Convert a 3D NIfTI image (RAS affine) to SimpleITK (LPS origin/spacing/direction)."""
-    data = np.asanyarray(nii.dataobj)
-    if data.ndim != 3:
-        raise ValueError(f"need a 3D NIfTI image, got shape {data.shape}")
-    lps = _LPS_TO_RAS @ nii.affine[:3, :]
-    spacing = np.linalg.norm(lps[:, :3], axis=0)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
-    image.SetSpacing(tuple(float(x) for x in spacing))
-    image.SetOrigin(tuple(float(x) for x in lps[:, 3]))
-    image.SetDirection(tuple(float(x) for x in (lps[:, :3] / spacing).ravel()))
     return image
 
 
@@ -297,37 +291,14 @@ def _slice_header(path: Path, ds: pydicom.Dataset) -> SliceHeader:
     )
 
 
-def _identifier_tokens(ds: pydicom.Dataset) -> set[str]:
-    """Lower-cased patient identifier fragments (>= 3 chars), only to keep them out of case ids."""
-    with warnings.catch_warnings():  # pydicom's invalid-value warnings would quote the value
-        warnings.simplefilter("ignore")
-        values = [str(ds.get(k, "") or "") for k in ("PatientID", "AccessionNumber", "PatientBirthDate")]
-        values += re.split(r"[\^\s=,]+", str(ds.get("PatientName", "") or ""))
-    return {v.strip().lower() for v in values if len(v.strip()) >= 3}
-
-
-def _case_ids(files: dict[str, list[Path]], identifiers: dict[str, set[str]]) -> dict[str, str]:
-    """Folder name where a folder holds exactly one series (and names no patient), else a UID hash."""
-    uids_in_folder: dict[Path, set[str]] = defaultdict(set)
-    for uid, paths in files.items():
-        for p in paths:
-            uids_in_folder[p.parent].add(uid)
-    ids: dict[str, str] = {}
-    for uid, paths in files.items():
-        parents = {p.parent for p in paths}
-        name = ""
-        if len(parents) == 1 and len(uids_in_folder[next(iter(parents))]) == 1:
-            name = re.sub(r"[^A-Za-z0-9._-]+", "_", next(iter(parents)).name).strip("._-")
-            if any(tok in name.lower() for tok in identifiers[uid]):
-                name = ""
-        ids[uid] = name or f"series-{uid_hash(uid)}"
-    counts: dict[str, int] = defaultdict(int)
-    for case_id in ids.values():
-        counts[case_id] += 1
-    for uid, case_id in ids.items():
-        if counts[case_id] > 1:  # two folders with the same name: disambiguate by UID hash
-            ids[uid] = f"{case_id}-{uid_hash(uid, 8)}"
-    return ids
+def _placed(s: SliceHeader) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """(position, orientation, pixel spacing) of a slice that ``_slice_problem`` has accepted."""
+    if s.position is None or s.orientation is None or s.pixel_spacing is None:
+        raise InputError(
+            s.path,
+            "missing ImagePositionPatient, ImageOrientationPatient or PixelSpacing; cannot place the slice in space",
+        )
+    return s.position, s.orientation, s.pixel_spacing
 
 
 def _normal(orientation: tuple[float, ...]) -> np.ndarray:
@@ -338,10 +309,12 @@ def _normal(orientation: tuple[float, ...]) -> np.ndarray:
 def _sort_slices(headers: list[SliceHeader]) -> list[SliceHeader]:
     """Sort along the slice normal; unsortable series (no geometry) keep path order for validation."""
     ref = next((h.orientation for h in headers if h.orientation is not None), None)
-    if ref is None or any(h.position is None for h in headers) or np.linalg.norm(np.cross(ref[:3], ref[3:])) < .5:
+    positions = [h.position for h in headers if h.position is not None]
+    if ref is None or len(positions) < len(headers) or np.linalg.norm(np.cross(ref[:3], ref[3:])) < 0.5:
         return sorted(headers, key=lambda h: str(h.path))
     normal = _normal(ref)
-    return sorted(headers, key=lambda h: (float(np.dot(normal, h.position)), str(h.path)))
+    placed = sorted(zip(headers, positions), key=lambda hp: (float(np.dot(normal, hp[1])), str(hp[0].path)))
+    return [h for h, _ in placed]
 
 
 def _slice_problem(s: SliceHeader) -> str | None:
@@ -353,9 +326,16 @@ def _slice_problem(s: SliceHeader) -> str | None:
         return "non-image object (no Rows/Columns, so no pixel data)"
     if s.samples_per_pixel != 1:
         return f"colour image (SamplesPerPixel={s.samples_per_pixel}); only greyscale series are supported"
-    missing = [k for k, v in (("ImagePositionPatient", s.position), ("ImageOrientationPatient", s.orientation),
-                              ("PixelSpacing", s.pixel_spacing)) if v is None]
-    if missing:
+    missing = [
+        k
+        for k, v in (
+            ("ImagePositionPatient", s.position),
+            ("ImageOrientationPatient", s.orientation),
+            ("PixelSpacing", s.pixel_spacing),
+        )
+        if v is None
+    ]
+    if missing or s.orientation is None or s.pixel_spacing is None:
         return f"missing or malformed {', '.join(missing)}; cannot place the slice in space"
     row, col = np.array(s.orientation[:3]), np.array(s.orientation[3:])
     if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
@@ -376,8 +356,11 @@ def _read_pixels(s: SliceHeader) -> np.ndarray:
         pixels = ds.pixel_array
     except Exception as e:
         syntax = ds.file_meta.get("TransferSyntaxUID", "unknown transfer syntax")
-        raise InputError(s.path, f"cannot decode pixel data ({UID(str(syntax)).name}): "
-                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise InputError(
+            s.path,
+            f"cannot decode pixel data ({UID(str(syntax)).name}): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+        ) from e
     if pixels.shape != (s.rows, s.columns):
         raise InputError(s.path, f"pixel data shape {pixels.shape} != Rows x Columns ({s.rows}, {s.columns})")
     return pixels

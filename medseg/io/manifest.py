@@ -25,6 +25,8 @@ import json
 import os
 import random
 import re
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -77,12 +79,16 @@ class Manifest:
         base = self.path.parent if self.path is not None else Path.cwd()
         return (base / self.root).resolve()
 
-    def resolve(self, rel: str) -> Path:
-        """Absolute path of a manifest-relative path; escaping the root is an ``InputError``."""
+    def resolve(self, rel: str, root: Path | None = None) -> Path:
+        """Absolute path of a manifest-relative path; escaping the root is an ``InputError``.
+
+        ``root``: this manifest's ``root_dir`` when the caller already has it (resolving it is a few
+        syscalls per call: checking 20,000 cases passes it once instead of once per path).
+        """
         src = self.path or Path("manifest")
         if os.path.isabs(rel):
             raise InputError(src, f"case path {rel!r} is absolute; paths must be relative to the dataset root")
-        root = self.root_dir
+        root = root or self.root_dir
         p = (root / rel).resolve()
         if not p.is_relative_to(root):
             raise InputError(src, f"case path {rel!r} escapes the dataset root {root}")
@@ -117,6 +123,34 @@ class Manifest:
     def num_classes(self) -> int:
         """Number of output classes (max label value + 1)."""
         return max(self.labels.values()) + 1
+
+    def class_labels(self, ignore_index: int | None = None) -> dict[str, int]:
+        """Label map without void: the classes a network predicts (and, per data kind, scores).
+
+        ``ignore_index`` (``data.ignore_index``) may itself be a value of the label map (the SegNet CamVid
+        layout labels void as 11 with classes 0..10): that entry is then neither a network output, nor a
+        scored class, nor written in a model package. Void must be above every real class value, so the
+        outputs stay ``0 .. N-1``; otherwise (and if nothing but void is left) ``InputError`` naming the
+        manifest and the values. Training (outputs, loss, validation) and scoring all call this.
+        """
+        classes = {k: v for k, v in self.labels.items() if v != ignore_index}
+        if len(classes) == len(self.labels):
+            return dict(self.labels)
+        void = [k for k, v in self.labels.items() if v == ignore_index]
+        above = sorted(v for v in classes.values() if ignore_index is not None and v > ignore_index)
+        if not classes or above:
+            raise InputError(
+                self.path or "manifest",
+                f"label {void[0]!r} = {ignore_index} is the void value (data.ignore_index) but "
+                + (f"class values {above} are above it" if above else "no other class is left")
+                + f"; void must be above every class value (label map {self.labels}): renumber the "
+                f"classes 0..{len(classes) - 1} and give void a larger value",
+            )
+        return classes
+
+    def num_classes_without(self, ignore_index: int | None = None) -> int:
+        """Network outputs when ``ignore_index`` is void: max class value + 1 over ``class_labels``."""
+        return max(self.class_labels(ignore_index).values()) + 1
 
     @property
     def num_channels(self) -> int:
@@ -158,11 +192,17 @@ class Manifest:
             "numTraining": len(labelled),
             "numTest": len(unlabelled),
             "training": [
-                {"id": c.id, "image": c.image[0] if len(c.image) == 1 else list(c.image), "label": c.label, "split": c.split}
+                {
+                    "id": c.id,
+                    "image": c.image[0] if len(c.image) == 1 else list(c.image),
+                    "label": c.label,
+                    "split": c.split,
+                }
                 for c in labelled
             ],
             "test": [
-                {"id": c.id, "image": c.image[0] if len(c.image) == 1 else list(c.image), "split": "test"} for c in unlabelled
+                {"id": c.id, "image": c.image[0] if len(c.image) == 1 else list(c.image), "split": "test"}
+                for c in unlabelled
             ],
             "medseg": {"version": 1, "root": self.root},
         }
@@ -207,11 +247,17 @@ def _parse_labels(raw: Any, src: Path) -> dict[str, int]:
         raise InputError(src, "'labels' values must be >= 0")
     for name in labels:
         if name.strip().lower() in RESERVED_CLASS_NAMES:
-            raise InputError(src, f"class name {name!r} is reserved: per-class metrics (dice_<class>, iou_<class>) "
-                                  f"would collide with the averages dice_mean / iou_mean; rename the class")
+            raise InputError(
+                src,
+                f"class name {name!r} is reserved: per-class metrics (dice_<class>, iou_<class>) "
+                f"would collide with the averages dice_mean / iou_mean; rename the class",
+            )
         if not CLASS_NAME.fullmatch(name):
-            raise InputError(src, f"class name {name!r} cannot name a metric: use letters, digits, space, '_', '-', '.' "
-                                  f"(per-class metrics are logged to MLflow as dice_<class>)")
+            raise InputError(
+                src,
+                f"class name {name!r} cannot name a metric: use letters, digits, space, '_', '-', '.' "
+                f"(per-class metrics are logged to MLflow as dice_<class>)",
+            )
     return labels
 
 
@@ -227,7 +273,9 @@ def _parse_case(entry: Any, default_split: Split, src: Path, index: int) -> Case
     label = str(label).removeprefix("./") if label else None
     cid = str(entry.get("id") or case_id_from_path(images[0]))
     if not _ID_RE.match(cid):
-        raise InputError(src, f"case #{index}: id {cid!r} must be letters, digits, '.', '_' or '-' (used in file names)")
+        raise InputError(
+            src, f"case #{index}: id {cid!r} must be letters, digits, '.', '_' or '-' (used in file names)"
+        )
     split = entry.get("split", default_split)
     if split not in ("train", "val", "test"):
         raise InputError(src, f"case {cid}: split {split!r} must be train, val or test")
@@ -249,8 +297,7 @@ def load_manifest(path: str | Path) -> Manifest:
     channels = raw.get("channel_names") or raw.get("modality") or {"0": "image"}
     cases = [_parse_case(e, "train", path, i) for i, e in enumerate(raw.get("training", []))]
     cases += [_parse_case(e, "test", path, len(cases) + i) for i, e in enumerate(raw.get("test", []))]
-    ids = [c.id for c in cases]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
+    dup = duplicates(c.id for c in cases)
     if dup:
         raise InputError(path, f"duplicate case ids: {', '.join(dup[:5])}")
     meta = raw.get("medseg") or {}
@@ -263,9 +310,10 @@ def load_manifest(path: str | Path) -> Manifest:
         root=str(meta.get("root", ".")),
         path=path.resolve(),
     )
-    for c in cases:  # reject escaping paths up front, before any file is opened
-        m.image_paths(c)
-        m.label_path(c)
+    root = m.root_dir
+    for c in cases:  # reject escaping paths up front, before any file is opened (no file is opened or stat-ed)
+        for rel in (*c.image, *((c.label,) if c.label else ())):
+            m.resolve(rel, root)
     return m
 
 
@@ -294,7 +342,9 @@ def import_msd(
     if not src.is_file():
         raise InputError(msd_dir, "no dataset.json in this folder (expected an MSD / nnU-Net dataset)")
     tmp = load_manifest(src)  # anchored at msd_dir, root "."
-    missing = [p for c in tmp.cases for p in (*tmp.image_paths(c), tmp.label_path(c)) if p is not None and not p.is_file()]
+    missing = [
+        p for c in tmp.cases for p in (*tmp.image_paths(c), tmp.label_path(c)) if p is not None and not p.is_file()
+    ]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise InputError(missing[0], f"listed in {src} but not found{more}")
@@ -303,7 +353,19 @@ def import_msd(
     cases = [Case(c.id, c.image, c.label, splits[c.id] if c.label else "test") for c in tmp.cases]
     out = Path(out).resolve()
     root = os.path.relpath(msd_dir, out.parent)
-    m = Manifest(name=tmp.name, labels=tmp.labels, cases=cases, root=root, channel_names=tmp.channel_names,
-                 description=tmp.description or f"imported from {msd_dir.name}/dataset.json (seed {seed})")
+    m = Manifest(
+        name=tmp.name,
+        labels=tmp.labels,
+        cases=cases,
+        root=root,
+        channel_names=tmp.channel_names,
+        description=tmp.description or f"imported from {msd_dir.name}/dataset.json (seed {seed})",
+    )
     m.save(out)
     return m
+
+
+def duplicates(values: Iterable[str]) -> list[str]:
+    """The values that occur more than once, sorted (one pass: linear in the number of values)."""
+    counts = Counter(values)
+    return sorted(v for v, n in counts.items() if n > 1)

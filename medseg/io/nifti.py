@@ -19,7 +19,9 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
     try:
         img = nib.load(str(path))
     except Exception as e:  # nibabel raises many types for corrupt files
-        raise InputError(path, f"not a readable NIfTI file ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise InputError(
+            path, f"not a readable NIfTI file ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(path, f"not a NIfTI image ({type(img).__name__})")
     if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
@@ -60,8 +62,14 @@ def voxel_spacing(affine: np.ndarray) -> tuple[float, ...]:
     return tuple(float(x) for x in np.linalg.norm(affine[:3, :3], axis=0))
 
 
-def save_like(array: np.ndarray, reference: nib.Nifti1Image, out_path: str | Path, *, slope: float = 1.0,
-              intent: tuple[str, tuple, str] | None = None) -> Path:
+def save_like(
+    array: np.ndarray,
+    reference: nib.Nifti1Image,
+    out_path: str | Path,
+    *,
+    slope: float = 1.0,
+    intent: tuple[str, tuple, str] | None = None,
+) -> Path:
     """Write ``array`` with exactly the reference image's affine and (q/s)form codes, atomically.
 
     The reference is the *input scan*: copying its header geometry is what makes an output overlay it.

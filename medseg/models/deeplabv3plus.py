@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Conv, Pool
 
-from medseg.models import MODELS
+from medseg.models.registry import MODELS
 from medseg.models.upsample import make_upsample
 
 # output stride -> (stride, dilation) of encoder stages 1..4 (the stem already divides by 4)
@@ -31,13 +31,29 @@ LINEAR = {2: "bilinear", 3: "trilinear"}
 
 
 def _conv(
-    dims: int, cin: int, cout: int, norm: str | tuple | None, kernel: int = 3, stride: int = 1,
-    dilation: int = 1, groups: int = 1, act: bool = True,
+    dims: int,
+    cin: int,
+    cout: int,
+    norm: str | tuple | None,
+    kernel: int = 3,
+    stride: int = 1,
+    dilation: int = 1,
+    groups: int = 1,
+    act: bool = True,
 ) -> nn.Module:
     """Conv -> norm -> ReLU (ReLU optional); 'same' padding, so stride s gives ceil(size / s)."""
     return Convolution(
-        dims, cin, cout, strides=stride, kernel_size=kernel, dilation=dilation, groups=groups,
-        norm=norm, act="relu" if act else None, adn_ordering="NA", bias=norm is None,
+        dims,
+        cin,
+        cout,
+        strides=stride,
+        kernel_size=kernel,
+        dilation=dilation,
+        groups=groups,
+        norm=norm,
+        act="relu" if act else None,
+        adn_ordering="NA",
+        bias=norm is None,
     )
 
 
@@ -78,9 +94,7 @@ class ASPP(nn.Module):
         self.image_pool = nn.Sequential(
             Pool[Pool.ADAPTIVEAVG, dims](1), Conv[Conv.CONV, dims](cin, cout, kernel_size=1), nn.ReLU(inplace=True)
         )
-        self.project = nn.Sequential(
-            _conv(dims, cout * (len(rates) + 2), cout, norm, kernel=1), nn.Dropout(dropout)
-        )
+        self.project = nn.Sequential(_conv(dims, cout * (len(rates) + 2), cout, norm, kernel=1), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate all branches (pooled features broadcast to x's size) and project."""
@@ -92,9 +106,20 @@ class DeepLabV3Plus(nn.Module):
     """Encoder (dilated ResNet) + ASPP + low-level decoder; see the module docstring."""
 
     def __init__(
-        self, dims: int, in_channels: int, out_channels: int, output_stride: int, encoder_channels: Sequence[int],
-        blocks_per_stage: Sequence[int], aspp_rates: Sequence[int], aspp_channels: int, low_level_channels: int,
-        decoder_channels: int, norm: str | tuple | None, dropout: float, upsample: str,
+        self,
+        dims: int,
+        in_channels: int,
+        out_channels: int,
+        output_stride: int,
+        encoder_channels: Sequence[int],
+        blocks_per_stage: Sequence[int],
+        aspp_rates: Sequence[int],
+        aspp_channels: int,
+        low_level_channels: int,
+        decoder_channels: int,
+        norm: str | tuple | None,
+        dropout: float,
+        upsample: str,
     ) -> None:
         super().__init__()
         c = list(encoder_channels)
@@ -173,6 +198,17 @@ def build_deeplabv3plus(
     if not rates or len(encoder_channels) != 4 or len(blocks_per_stage) != 4 or min(blocks_per_stage) < 1:
         raise ValueError("deeplabv3plus needs >= 1 aspp_rates, 4 encoder_channels and 4 blocks_per_stage (each >= 1)")
     return DeepLabV3Plus(
-        spatial_dims, in_channels, out_channels, output_stride, encoder_channels, blocks_per_stage, rates,
-        aspp_channels, low_level_channels, decoder_channels, norm, dropout, upsample,
+        spatial_dims,
+        in_channels,
+        out_channels,
+        output_stride,
+        encoder_channels,
+        blocks_per_stage,
+        rates,
+        aspp_channels,
+        low_level_channels,
+        decoder_channels,
+        norm,
+        dropout,
+        upsample,
     )

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch.nn as nn
 from monai.networks.nets import DynUNet
 
-from medseg.models import MODELS
+from medseg.models.registry import MODELS
 
 DEFAULT_DEPTH = 5
 

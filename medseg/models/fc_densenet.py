@@ -23,7 +23,7 @@ import torch.nn as nn
 from monai.networks.layers.factories import Conv, Pool
 from monai.networks.layers.utils import get_norm_layer
 
-from medseg.models import MODELS
+from medseg.models.registry import MODELS
 from medseg.models.upsample import crop_to, make_upsample
 
 
@@ -48,7 +48,7 @@ class DenseBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (input and new maps, new maps only), both concatenated along channels."""
-        new = []
+        new: list[torch.Tensor] = []
         for layer in self.layers:
             new.append(layer(torch.cat([x, *new], dim=1)))
         return torch.cat([x, *new], dim=1), torch.cat(new, dim=1)
@@ -58,8 +58,17 @@ class FCDenseNet(nn.Module):
     """Tiramisu encoder-decoder; see the module docstring."""
 
     def __init__(
-        self, dims: int, in_channels: int, out_channels: int, growth_rate: int, layers_per_block: Sequence[int],
-        bottleneck_layers: int, first_channels: int, norm: str | tuple | None, dropout: float, upsample: str,
+        self,
+        dims: int,
+        in_channels: int,
+        out_channels: int,
+        growth_rate: int,
+        layers_per_block: Sequence[int],
+        bottleneck_layers: int,
+        first_channels: int,
+        norm: str | tuple | None,
+        dropout: float,
+        upsample: str,
     ) -> None:
         super().__init__()
         conv = Conv[Conv.CONV, dims]
@@ -128,6 +137,14 @@ def build_fc_densenet(
     if not layers_per_block or min(layers_per_block) < 1 or bottleneck_layers < 1:
         raise ValueError("fc_densenet needs >= 1 dense block, each (and the bottleneck) with >= 1 layer")
     return FCDenseNet(
-        spatial_dims, in_channels, out_channels, growth_rate, layers_per_block, bottleneck_layers,
-        first_channels, norm, dropout, upsample,
+        spatial_dims,
+        in_channels,
+        out_channels,
+        growth_rate,
+        layers_per_block,
+        bottleneck_layers,
+        first_channels,
+        norm,
+        dropout,
+        upsample,
     )

@@ -23,7 +23,7 @@ import torch.nn as nn
 from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Conv, Pool
 
-from medseg.models import MODELS
+from medseg.models.registry import MODELS
 from medseg.models.upsample import crop_to, make_upsample
 
 
@@ -31,15 +31,32 @@ class FCN8s(nn.Module):
     """Fully convolutional network with FCN-8s skip fusion; see the module docstring."""
 
     def __init__(
-        self, dims: int, in_channels: int, out_channels: int, channels: Sequence[int], convs_per_stage: Sequence[int],
-        fc_channels: int, fc_kernel_size: int, norm: str | tuple | None, dropout: float, upsample: str,
+        self,
+        dims: int,
+        in_channels: int,
+        out_channels: int,
+        channels: Sequence[int],
+        convs_per_stage: Sequence[int],
+        fc_channels: int,
+        fc_kernel_size: int,
+        norm: str | tuple | None,
+        dropout: float,
+        upsample: str,
     ) -> None:
         super().__init__()
         stages, cin = [], in_channels
         for cout, n in zip(channels, convs_per_stage):
             convs = [
-                Convolution(dims, cin if i == 0 else cout, cout, kernel_size=3, norm=norm, act="relu",
-                            adn_ordering="NA", bias=norm is None)
+                Convolution(
+                    dims,
+                    cin if i == 0 else cout,
+                    cout,
+                    kernel_size=3,
+                    norm=norm,
+                    act="relu",
+                    adn_ordering="NA",
+                    bias=norm is None,
+                )
                 for i in range(n)
             ]
             stages.append(nn.Sequential(*convs, Pool[Pool.MAX, dims](kernel_size=2, stride=2, ceil_mode=True)))
@@ -109,6 +126,14 @@ def build_fcn(
     if fc_kernel_size % 2 != 1:
         raise ValueError(f"fcn fc_kernel_size must be odd, got {fc_kernel_size}")
     return FCN8s(
-        spatial_dims, in_channels, out_channels, channels, convs_per_stage, fc_channels, fc_kernel_size, norm,
-        dropout, upsample,
+        spatial_dims,
+        in_channels,
+        out_channels,
+        channels,
+        convs_per_stage,
+        fc_channels,
+        fc_kernel_size,
+        norm,
+        dropout,
+        upsample,
     )

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch.nn as nn
 from monai.networks.nets import UNet
 
-from medseg.models import MODELS
+from medseg.models.registry import MODELS
 
 
 @MODELS.register("unet")

@@ -21,7 +21,7 @@ from monai.networks.nets import FlexibleUNet, ResNet
 from monai.networks.nets.resnet import get_inplanes
 
 from medseg.errors import InputError
-from medseg.models import MODELS
+from medseg.models.registry import MODELS
 
 BACKBONE_LAYERS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
 SHORTCUT_TYPES = ("A", "B")
@@ -34,7 +34,7 @@ class ResNetFeatureEncoder(ResNet):
     """MONAI ``ResNet`` (basic blocks, stride-2 7x7 stem, no classifier) returning the 5 feature maps
     FlexibleUNet expects, at strides 2, 4, 8, 16, 32."""
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]  # encoder: all stages' maps
         """Return [stem, layer1, layer2, layer3, layer4] features."""
         x = self.act(self.bn1(self.conv1(x)))
         features = [x]

@@ -16,6 +16,7 @@ Both modes are MONAI ``UpSample`` blocks: ``mode="deconv"`` is the transposed co
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from types import EllipsisType
 
 import torch
 import torch.nn as nn
@@ -90,4 +91,5 @@ def crop_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     Decoders upsample stride-s maps whose sizes were rounded up (ceil-mode pooling), so the result can
     be a voxel larger than the skip or input it must match; cropping at the origin keeps it aligned.
     """
-    return x[(..., *(slice(0, s) for s in size))]
+    index: tuple[EllipsisType | slice, ...] = (..., *(slice(0, s) for s in size))
+    return x[index]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 from monai.networks.nets import VNet
 
-from medseg.models import MODELS
+from medseg.models.registry import MODELS
 
 
 @MODELS.register("vnet")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medseg.config import load_config
-from medseg.engine.device import resolve_device, resolve_precision
+from medseg.runtime.device import resolve_device, resolve_precision
 from medseg.engine.history import read_rows_csv, write_rows_csv
 from medseg.engine.plots import learning_curve, middle_slices, overlay
 from medseg.engine.trainer import Trainer

@@ -1,6 +1,6 @@
 """Training on 2D natural images: the real CLI on a synthetic VOC-style set with tracking to a real MLflow
 server (pixel accuracy, per-class IoU/Dice, mIoU per epoch), PNG prediction, the image2d presets, and void pixels
-(ignore_index) that change neither the loss nor the metrics."""
+(ignore_index) that change neither the loss nor the metrics, also when the label map lists void itself."""
 
 from __future__ import annotations
 
@@ -15,17 +15,18 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from medseg.config import CONFIG_DIR, InferenceConfig, load_config
-from medseg.engine.device import Precision
+from medseg.runtime.device import Precision
 from medseg.engine.trainer import Trainer
-from medseg.engine.validation import CaseInference, validate_images
+from medseg.engine.validation import CaseInference, PixelScorer, validate
 from medseg.inference.images2d import ImagePredictor
 from medseg.inference.model_package import load_package
 from medseg.io.images2d import import_voc
+from medseg.io.images2d.common import Pair, build_manifest, write_index_png
 from medseg.io.images2d.voc import VOC_CLASSES
 from medseg.io.manifest import load_manifest
 from medseg.losses import LOSSES, build_loss
 from tests.conftest import run_cli
-from tests.images2d_data import write_voc
+from tests.images2d_data import H, W, rgb_for, write_voc
 
 IMAGE_PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if load_config(p).data.kind == "image2d")
 # Tiny network, the preset's own architecture family / loss / augmentations otherwise.
@@ -136,9 +137,9 @@ def test_void_pixels_change_no_metric() -> None:
 
     def run(img: torch.Tensor, lab: torch.Tensor, ignore: int | None) -> dict[str, float]:
         cases = [{"image": img, "label": lab, "id": "x", "index": 0}]
-        run = CaseInference(model, model, (12, 16), InferenceConfig(), torch.device("cpu"), Precision(None, False))
-        return validate_images(run, cases, {"background": 0, "a": 1, "b": 2}, 3,
-                               build_loss("dice_ce", 3, ignore_index=ignore), ignore_index=ignore).summary
+        run = CaseInference(model, model, (12, 16), InferenceConfig(), torch.device("cpu"), Precision(None, False), 3)
+        scorer = PixelScorer({"background": 0, "a": 1, "b": 2}, 3, build_loss("dice_ce", 3, ignore_index=ignore), ignore)
+        return validate(run, cases, scorer).summary
 
     base = run(image, label, 255)
     assert run(other, label, 255) == base
@@ -150,3 +151,43 @@ def test_void_pixels_change_no_metric() -> None:
         pred = model(image[None]).argmax(1)[0]
     keep = label[0] != 255
     assert base["val_pixel_accuracy"] == pytest.approx(float((pred[keep] == label[0][keep]).float().mean()))
+
+
+# ---- void as a value of the label map (SegNet CamVid: classes 0..10, void 11) ---------------------------
+VOID_IN_MAP = {"sky": 0, "road": 1, "void": 2}
+
+
+def _void_in_map_manifest(root: Path) -> Path:
+    """Four sky-over-road images whose labels mark a left strip with the label map's own void value 2."""
+    (root / "images").mkdir(parents=True)
+    pairs = []
+    for i in range(4):
+        lab = np.zeros((H, W), np.int64)
+        lab[H // 2:] = 1
+        lab[:, :3 + 2 * i] = 2
+        Image.fromarray(rgb_for(lab, i)).save(root / "images" / f"c{i}.png")
+        write_index_png(root / "labels" / f"c{i}.png", lab)
+        pairs.append(Pair(f"c{i}", root / "images" / f"c{i}.png", root / "labels" / f"c{i}.png", "val" if i == 3 else "train"))
+    return build_manifest("void-in-map", VOID_IN_MAP, pairs, root / "m.json", 0.0, 0, "void listed in the label map").path
+
+
+def test_void_in_the_label_map_is_neither_an_output_nor_scored(tmp_path: Path) -> None:
+    path = _void_in_map_manifest(tmp_path / "data")
+    cfg = load_config("voc_unet2d", [*TINY, f"data.manifest={path}", "data.ignore_index=2", "train.epochs=1",
+                                     "tracking.backend=none", f"train.output_dir={tmp_path}", "train.run_name=void"])
+    manifest = load_manifest(path)
+    trainer = Trainer(cfg, manifest)
+    result = trainer.fit()
+    with torch.no_grad():  # sky and road: no output channel for void
+        assert trainer.model.cpu().eval()(torch.zeros(1, 3, 32, 32)).shape[1] == 2
+    with (result.run_dir / "history.csv").open() as fh:
+        last = list(csv.DictReader(fh))[-1]
+    assert {"val_iou_sky", "val_iou_road", "val_dice_sky", "val_dice_road"} <= set(last)
+    assert not [k for k in last if "void" in k]  # no val_iou_void / val_dice_void
+    ious = [float(last[f"val_iou_{c}"]) for c in ("sky", "road")]
+    assert float(last["val_miou"]) == pytest.approx(float(np.nanmean(ious)))  # the mean over the real classes only
+    assert set(result.best_per_class) == {"sky", "road"}
+    package = load_package(result.run_dir)  # prediction never writes void
+    assert package.labels == {"sky": 0, "road": 1} and package.num_classes == 2
+    image = manifest.image_paths(manifest.split("val")[0])[0]
+    assert ImagePredictor(package, device="cpu").predict(image).max() <= 1

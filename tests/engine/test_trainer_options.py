@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from medseg.config import load_config
-from medseg.data.transforms import train_transforms
-from medseg.engine.trainer import Trainer, _case_dicts
+from medseg.data.kinds import train_transforms
+from medseg.engine.train_data import case_dicts as _case_dicts
+from medseg.engine.trainer import Trainer
 from medseg.io.manifest import load_manifest
 
 TINY = ["data.patch_size=[16, 16, 8]", "model.params.channels=[4, 8, 16]", "model.params.strides=[2, 2]",
@@ -77,7 +78,7 @@ def test_gradient_accumulation_steps_the_optimizer_every_k_batches(tiny_phantom:
 def test_model_package_carries_the_dataset_plans(phantom_copy: Path, tmp_path: Path) -> None:
     import json
 
-    from medseg.planning import plan_dataset, plans_path_for
+    from medseg.planning.volumes import plan_dataset, plans_path_for
 
     plan_dataset(phantom_copy)  # writes <manifest>.plans.json beside the manifest, where training looks for it
     plans = json.loads(plans_path_for(phantom_copy).read_text())

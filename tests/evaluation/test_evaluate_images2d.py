@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from medseg.evaluation.confusion import cm_scores
+from medseg.metrics.confusion import cm_scores
 from medseg.errors import InputError
 from medseg.evaluation.images2d import evaluate_images
 from medseg.io.images2d import import_voc
@@ -100,6 +100,24 @@ def test_void_pixels_change_nothing(toy: Path, tmp_path: Path) -> None:
     # counting void as a class instead (ignore_index None) is refused: 255 is not in the label map
     with pytest.raises(InputError, match="label values \\[255\\]"):
         evaluate_images(tmp_path / "p1", toy, tmp_path / "e4", ignore_index=None)
+
+
+def test_void_listed_in_the_label_map_is_no_class(toy: Path, tmp_path: Path) -> None:
+    # the SegNet CamVid layout: void is a value of the label map (after the classes) instead of 255
+    labels = {**LABELS, "void": 3}
+    manifest = _dataset(tmp_path / "data", {k: np.where(v == 255, 3, v) for k, v in TRUTH.items()}, labels)
+    doc = evaluate_images(_write_preds(tmp_path / "pred", PRED), manifest, tmp_path / "eval", ignore_index=3)
+    base = evaluate_images(tmp_path / "pred", toy, tmp_path / "eval255")  # void 255 outside the label map
+    assert doc["classes"] == LABELS and set(doc["pooled"]["iou"]) == set(LABELS)  # no IoU of void
+    for key in ("pooled", "per_image", "confusion_matrix"):
+        assert doc[key] == base[key]
+    assert doc["pooled"]["miou"] == pytest.approx(17 / 30)  # the mean over the three real classes
+    assert "void" not in (tmp_path / "eval" / "metrics_per_image.csv").read_text()
+    # void listed below a class value would leave a hole among the outputs: refused, naming the manifest
+    holed = _dataset(tmp_path / "holed", TRUTH, {"background": 0, "void": 1, "a": 2})
+    with pytest.raises(InputError, match=r"void must be above every class value") as e:
+        evaluate_images(tmp_path / "pred", holed, tmp_path / "e", ignore_index=1)
+    assert e.value.path == str(holed)
 
 
 def test_prediction_value_outside_the_label_map_names_the_file(toy: Path, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from scipy import ndimage
 
-from medseg.evaluation import metrics as M
+from medseg.metrics import volumetric as M
 from medseg.evaluation.compare import compare_rows
 from medseg.evaluation.plots import boxplot_png
 from medseg.evaluation.report import evaluate

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -18,23 +17,19 @@ import pytest
 
 from medseg.inference.shard import parse_shard, select_shard, shard_from_env
 from tests.conftest import MEDSEG, run_cli
-from tests.inference.test_geometry import _package
+from tests.helpers import copy_phantom_scans, phantom_package
 
 
 @pytest.fixture(scope="module")
 def package_dir(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pkg, _ = _package(tmp_path_factory.mktemp("pkg"), tiny_phantom, ["data.spacing=null"])
+    pkg, _ = phantom_package(tmp_path_factory.mktemp("pkg"), tiny_phantom, ["data.spacing=null"])
     return pkg.path
 
 
 @pytest.fixture
 def scans(tiny_phantom: Path, tmp_path: Path) -> Path:
     """A folder with the phantom's 6 scans as plain NIfTI files."""
-    folder = tmp_path / "scans"
-    folder.mkdir()
-    for p in sorted((tiny_phantom.parent / "imagesTr").glob("*.nii.gz")):
-        shutil.copy(p, folder / p.name)
-    return folder
+    return copy_phantom_scans(tiny_phantom, tmp_path / "scans")
 
 
 def _outputs(out: Path) -> list[str]:
@@ -111,7 +106,8 @@ def test_sigkill_mid_batch_then_resume(package_dir: Path, scans: Path, tmp_path:
 
 
 def test_two_shards_cover_the_batch_once(package_dir: Path, scans: Path, tmp_path: Path) -> None:
-    from medseg.inference.batch import discover_inputs, run_batch
+    from medseg.inference.batch import run_batch
+    from medseg.inference.inputs import discover_inputs
     from medseg.inference.model_package import load_package
 
     out = tmp_path / "out"

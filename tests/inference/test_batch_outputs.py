@@ -9,7 +9,6 @@ param, tag and metric of the run is searched for those names.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -17,20 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.inference.batch import discover_inputs, run_batch
+from medseg.inference.batch import run_batch
+from medseg.inference.inputs import discover_inputs
 from medseg.inference.model_package import load_package
-from medseg.inference.predictor import Predictor, quantize_probabilities
+from medseg.inference.predictor import Predictor
+from medseg.inference.label_maps import quantize_probabilities
 from tests.conftest import run_cli
-from tests.inference.test_geometry import _package, oracle_model
-
-
-def _copy_scans(tiny_phantom: Path, folder: Path, names: dict[int, str]) -> Path:
-    """Copy phantom scans (by index) into ``folder`` under new file names."""
-    folder.mkdir(parents=True)
-    images = sorted((tiny_phantom.parent / "imagesTr").glob("*.nii.gz"))
-    for i, name in names.items():
-        shutil.copy(images[i], folder / name)
-    return folder
+from tests.helpers import copy_phantom_scans, oracle_model, phantom_package
 
 
 def test_quantized_probabilities_keep_argmax_and_sum() -> None:
@@ -49,8 +41,8 @@ def test_quantized_probabilities_keep_argmax_and_sum() -> None:
 
 
 def test_probabilities_overlay_input_and_resume_needs_them(tiny_phantom: Path, tmp_path: Path) -> None:
-    pkg, _ = _package(tmp_path, tiny_phantom, ["data.spacing=[2.0, 2.0, 2.0]"])
-    scans = _copy_scans(tiny_phantom, tmp_path / "scans", {1: "flipped.nii.gz", 3: "oblique.nii.gz"})
+    pkg, _ = phantom_package(tmp_path, tiny_phantom, ["data.spacing=[2.0, 2.0, 2.0]"])
+    scans = copy_phantom_scans(tiny_phantom, tmp_path / "scans", {1: "flipped.nii.gz", 3: "oblique.nii.gz"})
     cases = discover_inputs(scans)
     predictor = Predictor(pkg, device="cpu", model=oracle_model())
     out = tmp_path / "out"
@@ -85,12 +77,12 @@ def test_probabilities_overlay_input_and_resume_needs_them(tiny_phantom: Path, t
 
 @pytest.fixture(scope="module")
 def package_dir(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pkg, _ = _package(tmp_path_factory.mktemp("pkg"), tiny_phantom, ["data.spacing=null"])
+    pkg, _ = phantom_package(tmp_path_factory.mktemp("pkg"), tiny_phantom, ["data.spacing=null"])
     return pkg.path
 
 
 def test_probabilities_with_memory_bounded_is_a_usage_error(package_dir: Path, tiny_phantom: Path, tmp_path: Path) -> None:
-    scans = _copy_scans(tiny_phantom, tmp_path / "scans", {0: "a.nii.gz"})
+    scans = copy_phantom_scans(tiny_phantom, tmp_path / "scans", {0: "a.nii.gz"})
     p = run_cli("predict", "--model", str(package_dir), "--input", str(scans), "--output", str(tmp_path / "o"),
                 "--device", "cpu", "--save-probabilities", "--set", "inference.memory_bounded=true", check=False)
     assert p.returncode == 2, p.stderr
@@ -103,7 +95,7 @@ def test_batch_mlflow_run_has_counts_and_no_patient_names(package_dir: Path, tin
     from mlflow.tracking import MlflowClient
 
     names = {0: "doe_john_19650203.nii.gz", 2: "roe_jane_19720811.nii.gz"}
-    scans = _copy_scans(tiny_phantom, tmp_path / "ward7_nightly", names)
+    scans = copy_phantom_scans(tiny_phantom, tmp_path / "ward7_nightly", names)
     (scans / "smith_anna_19800101.nii.gz").write_bytes((scans / names[0]).read_bytes()[:500])  # corrupt
     out = tmp_path / "out"
     common = ["predict", "--model", str(package_dir), "--input", str(scans), "--output", str(out), "--device", "cpu",

@@ -19,8 +19,9 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from medseg.inference.options import apply_inference_overrides
-from medseg.inference.predictor import Predictor, argmax_classes
-from tests.inference.test_geometry import LOWER, UPPER, _package
+from medseg.inference.predictor import Predictor
+from medseg.inference.label_maps import argmax_classes
+from tests.helpers import LOWER, UPPER, expected_mask, oracle_model, phantom_package
 
 SHAPE = (72, 64, 40)
 
@@ -42,7 +43,7 @@ def synthetic_ct(affine: np.ndarray) -> nib.Nifti1Image:
 def package(tmp_path_factory: pytest.TempPathFactory, tiny_phantom: Path):
     tmp = tmp_path_factory.mktemp("bodypkg")
     torch.manual_seed(0)
-    pkg, _ = _package(tmp, tiny_phantom, ["data.spacing=null", "inference.overlap=0.25", "inference.sw_batch_size=3"])
+    pkg, _ = phantom_package(tmp, tiny_phantom, ["data.spacing=null", "inference.overlap=0.25", "inference.sw_batch_size=3"])
     return pkg
 
 
@@ -97,9 +98,8 @@ def test_memory_bounded_equals_standard_path_inside_the_body(package, flip: bool
 
 @pytest.mark.parametrize("bounded", [False, True], ids=["standard", "memory_bounded"])
 def test_body_grid_runs_fewer_windows_and_keeps_geometry(tiny_phantom: Path, tmp_path: Path, bounded: bool) -> None:
-    from tests.inference.test_geometry import expected_mask, oracle_model
 
-    pkg, m = _package(tmp_path, tiny_phantom, ["data.spacing=null", f"inference.memory_bounded={str(bounded).lower()}"])
+    pkg, m = phantom_package(tmp_path, tiny_phantom, ["data.spacing=null", f"inference.memory_bounded={str(bounded).lower()}"])
     path = m.image_paths(m.cases[3])[0]  # the oblique case
     whole = Predictor(apply_inference_overrides(pkg, ["inference.window_grid=whole"]), device="cpu", model=oracle_model()).predict([path])
     body = Predictor(apply_inference_overrides(pkg, ["inference.window_grid=body"]), device="cpu", model=oracle_model()).predict([path])

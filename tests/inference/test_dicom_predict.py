@@ -16,18 +16,20 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medseg.inference.batch import discover_inputs, run_batch
+from medseg.inference.batch import run_batch
+from medseg.inference.inputs import discover_inputs
 from medseg.inference.dicom_input import seg_label_array
 from medseg.inference.options import apply_inference_overrides
 from medseg.inference.predictor import Predictor
 from medseg.io.dicom_seg import read_dicom_seg
-from medseg.io.dicom_series import read_series, sitk_to_nifti
-from tests.inference.test_geometry import _package, expected_mask, oracle_model
+from medseg.io.dicom_series import read_series
+from medseg.io.sitk_nifti import sitk_to_nifti
+from tests.helpers import expected_mask, oracle_model, phantom_package
 
 
 @pytest.fixture(scope="module")
 def package(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory):
-    pkg, _ = _package(tmp_path_factory.mktemp("pkg"), tiny_phantom, ["data.spacing=null"])
+    pkg, _ = phantom_package(tmp_path_factory.mktemp("pkg"), tiny_phantom, ["data.spacing=null"])
     return pkg
 
 

@@ -13,47 +13,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
-from medseg.config import load_config
-from medseg.evaluation.metrics import dice
-from medseg.inference.model_package import load_package, save_package
+from medseg.metrics.volumetric import dice
 from medseg.inference.predictor import Predictor
-from medseg.io.manifest import load_manifest
 from medseg.io.nifti import save_label_like
-from medseg.models import build_model
-
-LOWER, UPPER = -200.0, 300.0
-THRESHOLDS_HU = (40.5, 85.5, 145.5)  # half-integers: integer HU never sits on a boundary
-
-
-def oracle_model() -> torch.nn.Module:
-    """Logits linear in the windowed intensity x; argmax = number of thresholds below x."""
-    t = [(h - LOWER) / (UPPER - LOWER) for h in THRESHOLDS_HU]
-    conv = torch.nn.Conv3d(1, 4, kernel_size=1)
-    s = 100.0
-    with torch.no_grad():
-        conv.weight.copy_(torch.tensor([0.0, s, 2 * s, 3 * s]).view(4, 1, 1, 1, 1))
-        conv.bias.copy_(torch.tensor([0.0, -s * t[0], -s * (t[0] + t[1]), -s * (t[0] + t[1] + t[2])]))
-    return conv
-
-
-def expected_mask(raw: np.ndarray) -> np.ndarray:
-    return sum((raw > h).astype(np.uint8) for h in THRESHOLDS_HU)
-
-
-def _package(tmp_path: Path, manifest_path: Path, overrides: list[str]):
-    cfg = load_config("phantom_unet3d", [f"data.manifest={manifest_path}", "data.patch_size=[32, 32, 16]",
-                                         "model.params.channels=[4, 8, 16, 32]", *overrides])
-    m = load_manifest(manifest_path)
-    net = build_model(cfg.model.name, 3, m.num_channels, m.num_classes, cfg.model.params)
-    save_package(tmp_path / "pkg", net, cfg, m)
-    return load_package(tmp_path / "pkg"), m
+from tests.helpers import expected_mask, oracle_model, phantom_package
 
 
 @pytest.mark.parametrize("case_index", [0, 1, 2, 3], ids=["ras", "flip_x", "flip_xy", "oblique"])
 def test_mask_overlays_input_exactly(tiny_phantom: Path, tmp_path: Path, case_index: int) -> None:
-    pkg, m = _package(tmp_path, tiny_phantom, ["data.spacing=null"])
+    pkg, m = phantom_package(tmp_path, tiny_phantom, ["data.spacing=null"])
     case = m.cases[case_index]
     image_path = m.image_paths(case)[0]
     pred = Predictor(pkg, device="cpu", model=oracle_model()).predict([image_path])
@@ -76,7 +45,7 @@ def test_mask_overlays_after_resampling(tiny_phantom: Path, tmp_path: Path, case
     # Resampled to another (isotropic) spacing and back. A noise-free scan (each organ one HU value, from
     # the ground truth) makes the oracle's answer the ground truth itself, so any geometric error shows up
     # as lost overlap; interpolation alone only moves boundaries by a fraction of a voxel.
-    pkg, m = _package(tmp_path, tiny_phantom, ["data.spacing=[2.0, 2.0, 2.0]"])
+    pkg, m = phantom_package(tmp_path, tiny_phantom, ["data.spacing=[2.0, 2.0, 2.0]"])
     case = m.cases[case_index]
     src = nib.load(m.image_paths(case)[0])
     truth = np.asanyarray(nib.load(m.label_path(case)).dataobj)
@@ -94,7 +63,7 @@ def test_mask_overlays_after_resampling(tiny_phantom: Path, tmp_path: Path, case
 @pytest.mark.parametrize("axes", ["null", "[0]", "[1, 2]"])
 def test_mirror_tta_is_flipped_back(tiny_phantom: Path, tmp_path: Path, axes: str) -> None:
     # The oracle is voxel-wise, so it commutes with flips: mirrored copies flipped back must agree exactly.
-    pkg, m = _package(tmp_path, tiny_phantom, ["data.spacing=null", "inference.tta_mirror=true", f"inference.tta_axes={axes}"])
+    pkg, m = phantom_package(tmp_path, tiny_phantom, ["data.spacing=null", "inference.tta_mirror=true", f"inference.tta_axes={axes}"])
     image_path = m.image_paths(m.cases[3])[0]
     pred = Predictor(pkg, device="cpu", model=oracle_model()).predict([image_path])
     assert np.array_equal(pred.labels, expected_mask(np.asanyarray(nib.load(image_path).dataobj)))

@@ -23,7 +23,8 @@ from PIL import Image
 
 from medseg.config import load_config
 from medseg.errors import InputError
-from medseg.inference.batch import discover_inputs, run_batch
+from medseg.inference.batch import run_batch
+from medseg.inference.inputs import discover_inputs
 from medseg.inference.images2d import ImagePredictor
 from medseg.inference.model_package import load_package, save_package
 from medseg.inference.shard import select_shard
@@ -31,6 +32,7 @@ from medseg.io.images2d.common import Pair, build_manifest, write_index_png
 from medseg.io.manifest import load_manifest
 from medseg.models import build_model
 from tests.conftest import MEDSEG, run_cli
+from tests.helpers import phantom_package
 from tests.images2d_data import rgb_for
 
 LABELS = {"background": 0, "a": 1, "b": 2}
@@ -179,9 +181,7 @@ def test_two_shards_cover_every_image_once_with_probabilities(package_dir: Path,
 
 def test_model_trained_on_the_other_kind_is_a_one_line_error(package_dir: Path, tiny_phantom: Path,
                                                              tmp_path: Path) -> None:
-    from tests.inference.test_geometry import _package
-
-    volume_pkg, _ = _package(tmp_path / "vol", tiny_phantom, ["data.spacing=null"])
+    volume_pkg, _ = phantom_package(tmp_path / "vol", tiny_phantom, ["data.spacing=null"])
     images = _write_images(tmp_path / "images", {"img_0": (40, 56)})
     p = run_cli("predict", "--model", str(volume_pkg.path), "--input", str(images), "--output", str(tmp_path / "o"),
                 "--device", "cpu", check=False)

@@ -12,7 +12,7 @@ import yaml
 
 from pipelines.nightly_predict import exclusive_lock, lock_path
 from tests.conftest import REPO
-from tests.inference.test_geometry import _package
+from tests.helpers import phantom_package
 
 
 def _run(config: Path) -> subprocess.CompletedProcess:
@@ -21,7 +21,7 @@ def _run(config: Path) -> subprocess.CompletedProcess:
 
 
 def test_second_run_on_the_same_output_is_refused_then_a_free_run_works(tiny_phantom: Path, tmp_path: Path) -> None:
-    pkg, m = _package(tmp_path, tiny_phantom, ["data.spacing=null"])
+    pkg, m = phantom_package(tmp_path, tiny_phantom, ["data.spacing=null"])
     scan = m.image_paths(m.cases[0])[0]
     out = tmp_path / "out"
     config = tmp_path / "nightly.yaml"
@@ -65,3 +65,15 @@ def test_bad_config_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main([str(config)]) == 2
     err = capsys.readouterr().err
     assert "shards" in err and str(config) in err
+
+
+def test_an_option_the_batch_cannot_honour_is_a_usage_error_naming_the_key(tiny_phantom: Path, tmp_path: Path) -> None:
+    pkg, m = phantom_package(tmp_path, tiny_phantom, ["data.spacing=null"])
+    config = tmp_path / "nightly.yaml"
+    config.write_text(yaml.safe_dump({"model": str(pkg.path), "input": str(m.image_paths(m.cases[0])[0]),
+                                      "output": str(tmp_path / "out"), "device": "cpu", "save_probabilities": True,
+                                      "inference": ["inference.memory_bounded=true"]}))
+    p = _run(config)
+    assert p.returncode == 2, p.stderr
+    assert f"nightly_predict: error: {config}: save_probabilities: saving probabilities is not supported" in p.stderr
+    assert not list((tmp_path / "out").glob("*.nii.gz"))

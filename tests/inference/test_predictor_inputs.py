@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.evaluation.metrics import dice
+from medseg.metrics.volumetric import dice
 from medseg.inference.options import apply_inference_overrides
 from medseg.inference.predictor import Predictor
-from tests.inference.test_geometry import _package, expected_mask, oracle_model
+from tests.helpers import expected_mask, oracle_model, phantom_package
 
 
 @pytest.mark.parametrize("case_index", [1, 3], ids=["flip_x", "oblique"])
 def test_in_memory_image_equals_file(tiny_phantom: Path, tmp_path: Path, case_index: int) -> None:
-    pkg, m = _package(tmp_path, tiny_phantom, ["data.spacing=null"])
+    pkg, m = phantom_package(tmp_path, tiny_phantom, ["data.spacing=null"])
     path = m.image_paths(m.cases[case_index])[0]
     predictor = Predictor(pkg, device="cpu", model=oracle_model())
     from_file = predictor.predict([path])
@@ -29,7 +29,7 @@ def test_in_memory_image_equals_file(tiny_phantom: Path, tmp_path: Path, case_in
 
 @pytest.mark.parametrize("case_index", [0, 2, 3], ids=["ras", "flip_xy", "oblique"])
 def test_memory_bounded_mask_overlays_input_exactly(tiny_phantom: Path, tmp_path: Path, case_index: int) -> None:
-    pkg, m = _package(tmp_path, tiny_phantom, ["data.spacing=null"])
+    pkg, m = phantom_package(tmp_path, tiny_phantom, ["data.spacing=null"])
     pkg = apply_inference_overrides(pkg, ["inference.memory_bounded=true"])
     path = m.image_paths(m.cases[case_index])[0]
     pred = Predictor(pkg, device="cpu", model=oracle_model()).predict([path])
@@ -41,7 +41,7 @@ def test_memory_bounded_mask_overlays_input_exactly(tiny_phantom: Path, tmp_path
 @pytest.mark.parametrize("stored", ["int16", "uint16_scaled"])
 def test_memory_bounded_with_resampling_matches_truth(tiny_phantom: Path, tmp_path: Path, stored: str) -> None:
     # As test_geometry's resampling case: a noise-free scan whose oracle answer is the ground truth.
-    pkg, m = _package(tmp_path, tiny_phantom, ["data.spacing=[2.0, 2.0, 2.0]"])
+    pkg, m = phantom_package(tmp_path, tiny_phantom, ["data.spacing=[2.0, 2.0, 2.0]"])
     pkg = apply_inference_overrides(pkg, ["inference.memory_bounded=true"])
     case = m.cases[3]
     src = nib.load(m.image_paths(case)[0])
@@ -66,7 +66,7 @@ def test_memory_bounded_with_resampling_matches_truth(tiny_phantom: Path, tmp_pa
 
 
 def test_postprocessing_applies_in_predict(tiny_phantom: Path, tmp_path: Path) -> None:
-    pkg, m = _package(tmp_path, tiny_phantom, ["data.spacing=null"])
+    pkg, m = phantom_package(tmp_path, tiny_phantom, ["data.spacing=null"])
     path = m.image_paths(m.cases[0])[0]
     raw = np.asanyarray(nib.load(path).dataobj)
     plain = Predictor(pkg, device="cpu", model=oracle_model()).predict([path]).labels
@@ -88,7 +88,7 @@ def test_memory_bounded_reads_scaled_ct_as_stored_integers(tiny_phantom: Path, t
     # thresholds, body crop and intensities must all still be in HU.
     from medseg.io.nifti import read_unscaled
 
-    pkg, m = _package(tmp_path, tiny_phantom, ["data.spacing=null", f"inference.window_grid={grid}"])
+    pkg, m = phantom_package(tmp_path, tiny_phantom, ["data.spacing=null", f"inference.window_grid={grid}"])
     src = nib.load(m.image_paths(m.cases[3])[0])  # oblique
     hu = np.asanyarray(src.dataobj).astype(np.int32)
     stored = nib.Nifti1Image((hu + 1024).astype(np.uint16), src.affine)
@@ -107,7 +107,7 @@ def test_memory_bounded_reads_scaled_ct_as_stored_integers(tiny_phantom: Path, t
 def test_resampled_labels_equal_argmax_of_monai_invertd(tiny_phantom: Path, tmp_path: Path, case_index: int) -> None:
     # predict() takes probabilities back slab by slab (slab_resample); probabilities() is MONAI's whole-volume
     # Invertd: their argmax must agree wherever the top two classes are not within float noise of each other.
-    pkg, m = _package(tmp_path, tiny_phantom, ["data.spacing=[2.0, 2.0, 2.0]"])
+    pkg, m = phantom_package(tmp_path, tiny_phantom, ["data.spacing=[2.0, 2.0, 2.0]"])
     path = m.image_paths(m.cases[case_index])[0]
     predictor = Predictor(pkg, device="cpu", model=oracle_model())
     labels = predictor.predict([path]).labels

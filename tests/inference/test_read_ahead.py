@@ -5,26 +5,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from medseg.inference.batch import ReadAhead, case_sha256, discover_inputs, run_batch
+from medseg.inference.batch import run_batch
+from medseg.inference.inputs import case_sha256, discover_inputs
+from medseg.inference.read_ahead import ReadAhead
 from medseg.inference.predictor import Predictor
-from tests.inference.test_geometry import _package, oracle_model
-
-
-def _scans(tiny_phantom: Path, folder: Path, n: int = 3) -> Path:
-    folder.mkdir(parents=True)
-    for p in sorted((tiny_phantom.parent / "imagesTr").glob("*.nii.gz"))[:n]:
-        shutil.copy(p, folder / p.name)
-    return folder
+from tests.helpers import copy_phantom_scans, oracle_model, phantom_package
 
 
 def test_read_ahead_yields_each_cases_checksum_in_order(tiny_phantom: Path, tmp_path: Path) -> None:
-    cases = discover_inputs(_scans(tiny_phantom, tmp_path / "scans"))
+    cases = discover_inputs(copy_phantom_scans(tiny_phantom, tmp_path / "scans", 3))
     ahead = ReadAhead(cases)
     try:
         got = [ahead.take(i).result() for i in range(len(cases))]  # type: ignore[union-attr]
@@ -38,8 +32,8 @@ def test_read_ahead_yields_each_cases_checksum_in_order(tiny_phantom: Path, tmp_
 
 
 def test_batch_with_and_without_read_ahead_agree(tiny_phantom: Path, tmp_path: Path) -> None:
-    pkg, _ = _package(tmp_path, tiny_phantom, ["data.spacing=null"])
-    scans = _scans(tiny_phantom, tmp_path / "scans")
+    pkg, _ = phantom_package(tmp_path, tiny_phantom, ["data.spacing=null"])
+    scans = copy_phantom_scans(tiny_phantom, tmp_path / "scans", 3)
     cases = discover_inputs(scans)
     predictor = Predictor(pkg, device="cpu", model=oracle_model())
     records = {}
@@ -57,8 +51,8 @@ def test_batch_with_and_without_read_ahead_agree(tiny_phantom: Path, tmp_path: P
 
 
 def test_vanished_input_fails_with_the_loaders_message_and_the_batch_goes_on(tiny_phantom: Path, tmp_path: Path) -> None:
-    pkg, _ = _package(tmp_path, tiny_phantom, ["data.spacing=null"])
-    scans = _scans(tiny_phantom, tmp_path / "scans")
+    pkg, _ = phantom_package(tmp_path, tiny_phantom, ["data.spacing=null"])
+    scans = copy_phantom_scans(tiny_phantom, tmp_path / "scans", 3)
     cases = discover_inputs(scans)
     cases[1].images[0].unlink()  # gone between discovery and its turn (a PACS export cleaned up, say)
     report = run_batch(pkg, cases, tmp_path / "out", device="cpu", progress=False,

@@ -70,7 +70,7 @@ def test_spacing_settings_need_a_spacing_transform() -> None:
 
 
 def test_resampled_dtype_keeps_stored_integers_when_they_fit() -> None:
-    from medseg.inference.predictor import resampled_dtype
+    from medseg.inference.label_maps import resampled_dtype
 
     assert resampled_dtype(np.zeros(4, np.int16)) == torch.int16 and resampled_dtype(np.zeros(4, np.uint8)) == torch.uint8
     assert resampled_dtype(np.array([0, 4095], np.uint16)) == torch.int16  # 12-bit data: half the bytes of float32

@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
-from medseg.inference.sliding import WindowPredictor, channels_last, model_channels_last
+from medseg.inference.sliding import WindowRunner, channels_last, model_channels_last
 from medseg.inference.streaming import streaming_sliding_window
 from medseg.inference.window_grid import BodyWindows, aligned_box, body_extent, grid_starts
 
@@ -27,7 +27,7 @@ def _stream(x: torch.Tensor, roi, overlap, net, classes: int = 3, mode: str = "g
         out[..., z0:z0 + logits.shape[-1]] = logits
         seen[z0:z0 + logits.shape[-1]] += 1
 
-    streaming_sliding_window(x[0], roi, 3, WindowPredictor(net, classes, body=body), classes, emit, overlap=overlap, mode=mode)
+    streaming_sliding_window(x[0], roi, 3, WindowRunner(net, classes, body=body), classes, emit, overlap=overlap, mode=mode)
     assert torch.equal(seen, torch.ones_like(seen)), "every slice is emitted exactly once"
     return out
 
@@ -80,7 +80,7 @@ def test_aligned_crop_with_skipping_equals_whole_volume_inside_the_body() -> Non
         box = aligned_box(x.shape[2:], roi, overlap, body_extent(body))
         assert all(b.stop - b.start < n for b, n in zip(box, x.shape[2:])), "the body is small: every axis is cropped"
         crop = x[(slice(None), slice(None), *box)]
-        wp = WindowPredictor(net, 3, body=BodyWindows(body[box], roi))
+        wp = WindowRunner(net, 3, body=BodyWindows(body[box], roi))
         got = sliding_window_inference(crop, roi, 4, wp, overlap=overlap, mode="gaussian", with_coord=True)[0]
     assert wp.windows_skipped > 0 and wp.windows_run > 0
     inside = ref[(slice(None), *box)][:, body[box]]
@@ -109,7 +109,7 @@ def test_mirror_tta_per_window_matches_whole_image_flip_for_a_pointwise_net() ->
     x = torch.randn(1, 1, 20, 18, 16)
     with torch.inference_mode():
         ref = sliding_window_inference(x, (8, 8, 8), 2, net, overlap=0.25)
-        got = sliding_window_inference(x, (8, 8, 8), 2, WindowPredictor(net, 2, mirror_axes=[0, 2]), overlap=0.25, with_coord=True)
+        got = sliding_window_inference(x, (8, 8, 8), 2, WindowRunner(net, 2, mirror_axes=[0, 2]), overlap=0.25, with_coord=True)
     assert torch.allclose(got, ref, atol=1e-6)
 
 

@@ -20,12 +20,11 @@ from medseg.io.dicom_series import (
     DicomScan,
     SeriesInfo,
     discover_series,
-    nifti_to_sitk,
     read_series,
     scan_dicom_folder,
-    sitk_to_nifti,
     validate_series,
 )
+from medseg.io.sitk_nifti import nifti_to_sitk, sitk_to_nifti
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "dicom_mr_series"
 T1POST = DATA / "Study3" / "11-T1post-18670"

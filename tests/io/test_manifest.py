@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from medseg.errors import InputError
-from medseg.io.manifest import assign_splits, import_msd, load_manifest
+from medseg.io.manifest import assign_splits, duplicates, import_msd, load_manifest
 from tests.conftest import run_cli
 
 
@@ -98,3 +98,41 @@ def test_assign_splits_deterministic_and_complete() -> None:
     assert a == assign_splits(list(reversed(ids)), 0.25, 0.1, seed=1)
     assert sorted(a.values()).count("val") == 5 and sorted(a.values()).count("test") == 2
     assert a != assign_splits(ids, 0.25, 0.1, seed=2)
+
+
+def test_duplicates_lists_each_repeated_value_once_sorted() -> None:
+    assert duplicates([]) == [] and duplicates(["a", "b", "c"]) == []
+    assert duplicates(iter(["b", "a", "b", "c", "a", "b"])) == ["a", "b"]  # any iterable, one pass
+    assert duplicates(["A", "a"]) == []  # ids are case-sensitive
+    ids = [f"c{i:05d}" for i in range(20_000)]
+    assert duplicates([*ids, "c00007", "c19999"]) == ["c00007", "c19999"]
+
+
+def test_duplicate_ids_error_names_them(tmp_path: Path) -> None:
+    cases = [{"id": cid, "image": f"i/{n}.png", "label": f"l/{n}.png"} for n, cid in enumerate("abacdc")]
+    with pytest.raises(InputError, match="duplicate case ids: a, c$"):
+        load_manifest(_write(tmp_path, {"labels": {"background": 0}, "training": cases}))
+
+
+CAMVID_SEGNET = {"Sky": 0, "Road": 1, "Car": 2, "void": 3}  # the SegNet layout: void a value of the label map
+
+
+def test_class_labels_leave_void_out_of_classes(tmp_path: Path) -> None:
+    m = load_manifest(_write(tmp_path, {"labels": CAMVID_SEGNET}))
+    assert m.class_labels(3) == {"Sky": 0, "Road": 1, "Car": 2} and m.num_classes_without(3) == 3
+    assert m.num_classes == 4  # the label map's own count is unchanged
+    for void in (None, 255):  # void not in the label map (VOC's 255): every entry is a class
+        assert m.class_labels(void) == CAMVID_SEGNET and m.num_classes_without(void) == 4
+
+
+@pytest.mark.parametrize(("labels", "void", "fragment"), [
+    ({"background": 0, "void": 1, "car": 2}, 1, r"label 'void' = 1 .* class values \[2\] are above it"),
+    ({"background": 0}, 0, "no other class is left"),
+])
+def test_void_below_a_class_is_refused(tmp_path: Path, labels: dict, void: int, fragment: str) -> None:
+    m = load_manifest(_write(tmp_path, {"labels": labels}))
+    with pytest.raises(InputError, match=fragment) as err:
+        m.class_labels(void)
+    assert str(tmp_path / "m.json") in str(err.value)
+    with pytest.raises(InputError, match=fragment):
+        m.num_classes_without(void)

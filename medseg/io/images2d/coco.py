@@ -22,8 +22,18 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from medseg.errors import InputError
-from medseg.io.images2d.common import VOID, Pair, build_manifest, derived_dir, image_size, inside, label_map, safe_id, write_index_png
-from medseg.io.manifest import Manifest
+from medseg.io.images2d.common import (
+    VOID,
+    Pair,
+    build_manifest,
+    derived_dir,
+    image_size,
+    inside,
+    label_map,
+    safe_id,
+    write_index_png,
+)
+from medseg.io.manifest import Manifest, Split
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -75,9 +85,10 @@ def semantic_map(anns: list[dict[str, Any]], h: int, w: int, cat_index: dict[int
     return out
 
 
-def _split_of(json_path: Path) -> str | None:
+def _split_of(json_path: Path) -> Split | None:
     name = json_path.stem.removeprefix("instances_").lower()
-    for split in ("train", "val", "test"):
+    splits: tuple[Split, ...] = ("train", "val", "test")
+    for split in splits:
         if split in name:
             return split
     return None
@@ -124,11 +135,21 @@ def import_coco(src: Path, out: Path, val_fraction: float = 0.1, seed: int = 0, 
             image = inside(img_dir / str(info["file_name"]), img_dir, jp)
             h, w = image_size(image)
             if (int(info.get("height", h)), int(info.get("width", w))) != (h, w):
-                raise InputError(jp, f"image {info['file_name']}: height/width {info.get('height')}x{info.get('width')} != file size {h}x{w}")
+                raise InputError(
+                    jp,
+                    f"image {info['file_name']}: height/width {info.get('height')}x{info.get('width')} != file size {h}x{w}",
+                )
             index = semantic_map(by_image.get(info["id"], []), h, w, cat_index, jp)
             stem = Path(str(info["file_name"])).with_suffix("").as_posix().replace("/", "_")
             label = write_index_png(derived / (split or jp.stem) / f"{stem}.png", index)
-            pairs.append(Pair(safe_id(stem), image, label, split))  # type: ignore[arg-type]
+            pairs.append(Pair(safe_id(stem), image, label, split))
     names = ["background", *[str(c["name"]) for c in categories or []]]
-    return build_manifest(root.name, label_map(names, jsons[0]), pairs, out, val_fraction, seed,
-                          f"imported from COCO {', '.join(j.name for j in jsons)} (seed {seed})")
+    return build_manifest(
+        root.name,
+        label_map(names, jsons[0]),
+        pairs,
+        out,
+        val_fraction,
+        seed,
+        f"imported from COCO {', '.join(j.name for j in jsons)} (seed {seed})",
+    )

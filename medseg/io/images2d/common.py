@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
-from medseg.io.manifest import IMAGE_SUFFIXES, Case, Manifest, Split, assign_splits
+from medseg.io.manifest import IMAGE_SUFFIXES, Case, Manifest, Split, assign_splits, duplicates
 
 VOID = 255
 INDEX_MODES = ("P", "L", "I", "I;16")
@@ -92,8 +92,9 @@ def list_images(folder: Path) -> list[Path]:
     """Image files (png/jpg/jpeg, any case) directly in ``folder``, sorted by name."""
     if not folder.is_dir():
         raise InputError(folder, "folder not found")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not p.name.startswith("."))
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
 
 
 def safe_id(name: str) -> str:
@@ -122,7 +123,7 @@ def derived_dir(out: Path, src_dirs: list[Path]) -> Path:
 
 def label_map(names: list[str], source: Path) -> dict[str, int]:
     """Class names in index order -> ``{name: index}``; duplicates or more than 255 classes are an ``InputError``."""
-    dup = sorted({n for n in names if names.count(n) > 1})
+    dup = duplicates(names)
     if dup:
         raise InputError(source, f"class names listed twice: {', '.join(dup[:5])}")
     if not 0 < len(names) <= VOID:
@@ -140,8 +141,16 @@ class Pair:
     split: Split | None = None
 
 
-def build_manifest(name: str, labels: dict[str, int], pairs: list[Pair], out: Path, val_fraction: float, seed: int,
-                   description: str, check: bool = True) -> Manifest:
+def build_manifest(
+    name: str,
+    labels: dict[str, int],
+    pairs: list[Pair],
+    out: Path,
+    val_fraction: float,
+    seed: int,
+    description: str,
+    check: bool = True,
+) -> Manifest:
     """Check every pair, assign missing splits deterministically and save the manifest at ``out``.
 
     The manifest's root is the deepest folder holding every image and label (the source folder, or its
@@ -149,8 +158,7 @@ def build_manifest(name: str, labels: dict[str, int], pairs: list[Pair], out: Pa
     """
     if not pairs:
         raise InputError(out, "no images with labels found")
-    ids = [p.id for p in pairs]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
+    dup = duplicates(p.id for p in pairs)
     if dup:
         raise InputError(out, f"duplicate case ids (image names) across the source: {', '.join(dup[:5])}")
     allowed = {*labels.values(), VOID}
@@ -161,9 +169,19 @@ def build_manifest(name: str, labels: dict[str, int], pairs: list[Pair], out: Pa
     drawn = assign_splits(random_ids, val_fraction, 0.0, seed) if random_ids else {}
     out = out.resolve()
     root = Path(os.path.commonpath([str(q.parent) for p in pairs for q in (p.image, p.label)]))
-    cases = [Case(p.id, (p.image.relative_to(root).as_posix(),), p.label.relative_to(root).as_posix(),
-                  p.split or drawn[p.id]) for p in pairs]
-    m = Manifest(name=name, labels=labels, cases=cases, root=os.path.relpath(root, out.parent),
-                 channel_names=dict(RGB_CHANNELS), description=description)
+    cases = [
+        Case(
+            p.id, (p.image.relative_to(root).as_posix(),), p.label.relative_to(root).as_posix(), p.split or drawn[p.id]
+        )
+        for p in pairs
+    ]
+    m = Manifest(
+        name=name,
+        labels=labels,
+        cases=cases,
+        root=os.path.relpath(root, out.parent),
+        channel_names=dict(RGB_CHANNELS),
+        description=description,
+    )
     m.save(out)
     return m

@@ -19,7 +19,17 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from medseg.errors import InputError
-from medseg.io.images2d.common import VOID, Pair, build_manifest, derived_dir, image_size, inside, label_map, safe_id, write_index_png
+from medseg.io.images2d.common import (
+    VOID,
+    Pair,
+    build_manifest,
+    derived_dir,
+    image_size,
+    inside,
+    label_map,
+    safe_id,
+    write_index_png,
+)
 from medseg.io.manifest import Manifest
 
 BACKGROUND_NAMES = ("_background_", "background")
@@ -45,7 +55,9 @@ def _draw(draw: ImageDraw.ImageDraw, shape: dict[str, Any], value: int, path: Pa
         raise InputError(path, f"shape {shape.get('label')!r}: 'points' must be a list of [x, y]") from None
     need = {"polygon": 3, "rectangle": 2, "circle": 2, "line": 2, "linestrip": 2, "point": 1}
     if kind not in need:
-        raise InputError(path, f"shape {shape.get('label')!r}: shape_type {kind!r} is not supported ({', '.join(need)})")
+        raise InputError(
+            path, f"shape {shape.get('label')!r}: shape_type {kind!r} is not supported ({', '.join(need)})"
+        )
     if len(xy) < need[kind]:
         raise InputError(path, f"shape {shape.get('label')!r}: a {kind} needs at least {need[kind]} points")
     if kind == "polygon":
@@ -61,7 +73,9 @@ def _draw(draw: ImageDraw.ImageDraw, shape: dict[str, Any], value: int, path: Pa
         draw.line(xy, fill=value, width=LINE_WIDTH)
     else:
         (cx, cy) = xy[0]
-        draw.ellipse([cx - POINT_RADIUS, cy - POINT_RADIUS, cx + POINT_RADIUS, cy + POINT_RADIUS], fill=value, outline=value)
+        draw.ellipse(
+            [cx - POINT_RADIUS, cy - POINT_RADIUS, cx + POINT_RADIUS, cy + POINT_RADIUS], fill=value, outline=value
+        )
 
 
 def rasterise(doc: dict[str, Any], size: tuple[int, int], labels: dict[str, int], path: Path) -> np.ndarray:
@@ -78,7 +92,9 @@ def rasterise(doc: dict[str, Any], size: tuple[int, int], labels: dict[str, int]
     return np.asarray(canvas).astype(np.int64)
 
 
-def import_labelme(src: Path, out: Path, val_fraction: float = 0.1, seed: int = 0, classes: list[str] | None = None) -> Manifest:
+def import_labelme(
+    src: Path, out: Path, val_fraction: float = 0.1, seed: int = 0, classes: list[str] | None = None
+) -> Manifest:
     """Manifest for a folder of LabelMe JSON files (searched recursively) and the images they name."""
     src, out = Path(src).resolve(), Path(out).resolve()
     files = sorted(p for p in src.rglob("*.json") if not p.name.startswith("."))
@@ -105,5 +121,6 @@ def import_labelme(src: Path, out: Path, val_fraction: float = 0.1, seed: int = 
         rel = f.relative_to(src).with_suffix(".png")
         label = write_index_png(derived / rel, index)
         pairs.append(Pair(safe_id(f.relative_to(src).with_suffix("").as_posix().replace("/", "_")), image, label))
-    return build_manifest(src.name, labels, pairs, out, val_fraction, seed,
-                          f"imported from LabelMe folder {src.name} (seed {seed})")
+    return build_manifest(
+        src.name, labels, pairs, out, val_fraction, seed, f"imported from LabelMe folder {src.name} (seed {seed})"
+    )

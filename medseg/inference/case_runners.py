@@ -1,0 +1,113 @@
+"""Per-case work of a batch, one runner per data kind (chosen by name from ``CASE_RUNNERS``).
+
+A runner holds the loaded predictor of its kind and turns one ``InputCase`` into its output files and the
+record fields: volumes write ``<id>.nii.gz`` (DICOM series also ``<id>.seg.dcm``) and organ volumes; 2D images
+write ``<id>.png`` and class pixel counts. The batch runner (``batch``) does the rest, the same for every kind.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from medseg.inference.dicom_input import load_series_image, write_series_seg
+from medseg.inference.images2d import ImagePredictor, predict_image_case
+from medseg.inference.inputs import InputCase, case_sha256
+from medseg.inference.label_maps import organ_volumes, save_probabilities_like
+from medseg.inference.model_package import ModelPackage
+from medseg.inference.predictor import Prediction, Predictor
+from medseg.inference.records import MASK_SUFFIX, PROBS_SUFFIX, SEG_SUFFIX, outputs_of, probabilities_name
+from medseg.io.nifti import save_label_like
+from medseg.registry import Registry
+
+CASE_RUNNERS: Registry = Registry("case runner")
+
+
+class CaseRunner(ABC):
+    """Segments the cases of one data kind with one loaded model."""
+
+    def __init__(self, package: ModelPackage, predictor: Any) -> None:
+        self.package, self.predictor = package, predictor
+
+    @classmethod
+    @abstractmethod
+    def load(cls, package: ModelPackage, device: str, local_rank: int | None) -> Any:
+        """Build this kind's predictor for ``package`` (the network loaded once per batch)."""
+
+    @abstractmethod
+    def run(
+        self, case: InputCase, out: Path, model: dict[str, Any], probabilities: bool, checksum: Future | None
+    ) -> dict[str, Any]:
+        """Read, predict and write one case's outputs; returns the record fields (``checksum``: read ahead).
+
+        The checksum is taken after the prediction, so an unreadable input fails with the loader's own message.
+        """
+
+
+def _sha256(case: InputCase, checksum: Future | None) -> str:
+    return checksum.result() if checksum is not None else case_sha256(case)
+
+
+@CASE_RUNNERS.register("volume")
+class VolumeCases(CaseRunner):
+    """NIfTI files and DICOM series: mask (and DICOM-SEG), optional probabilities, organ volumes."""
+
+    @classmethod
+    def load(cls, package: ModelPackage, device: str, local_rank: int | None) -> Predictor:
+        return Predictor(package, device, local_rank=local_rank)
+
+    def run(
+        self, case: InputCase, out: Path, model: dict[str, Any], probabilities: bool, checksum: Future | None
+    ) -> dict[str, Any]:
+        labels = self.package.labels
+        if case.series is not None:
+            image = load_series_image(case.series)
+            pred = self.predictor.predict(image, name=str(case.series.folder), with_probabilities=probabilities)
+            _save_probabilities(pred, out / f"{case.id}{PROBS_SUFFIX}")
+            save_label_like(pred.labels, pred.reference, out / f"{case.id}{MASK_SUFFIX}")
+            write_series_seg(
+                pred.labels, case.series, labels, out / f"{case.id}{SEG_SUFFIX}", model["name"], model["version"]
+            )
+            extra = {
+                "input_sha256": _sha256(case, checksum),
+                "n_slices": case.series.n_slices,
+                "modality": case.series.modality,
+            }
+        else:
+            pred = self.predictor.predict(list(case.images), with_probabilities=probabilities)
+            _save_probabilities(pred, out / f"{case.id}{PROBS_SUFFIX}")
+            save_label_like(pred.labels, pred.reference, out / f"{case.id}{MASK_SUFFIX}")
+            extra = {"input_sha256": _sha256(case, checksum)}
+        return {
+            "seconds": round(pred.seconds, 3),
+            "shape": list(pred.labels.shape),
+            "organs": organ_volumes(pred.labels, pred.reference, labels),
+            "windows": pred.windows,
+            **extra,
+        }
+
+
+@CASE_RUNNERS.register("image2d")
+class ImageCases(CaseRunner):
+    """PNG/JPG images: index-PNG mask, optional ``.npy`` probabilities, class pixel counts."""
+
+    @classmethod
+    def load(cls, package: ModelPackage, device: str, local_rank: int | None) -> ImagePredictor:
+        return ImagePredictor(package, device, local_rank=local_rank)
+
+    def run(
+        self, case: InputCase, out: Path, model: dict[str, Any], probabilities: bool, checksum: Future | None
+    ) -> dict[str, Any]:
+        probs = out / probabilities_name(case) if probabilities else None
+        fields = predict_image_case(
+            self.predictor, case.images[0], out / outputs_of(case)[0], probs, self.package.labels
+        )
+        return {**fields, "input_sha256": _sha256(case, checksum)}
+
+
+def _save_probabilities(pred: Prediction, path: Path) -> None:
+    if pred.probabilities is not None:
+        save_probabilities_like(pred.probabilities, pred.reference, path)
+        pred.probabilities = None  # free it before the next case
