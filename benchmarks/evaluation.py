@@ -108,7 +108,7 @@ def main() -> None:
         print(f"wrote {args.cases} cases of {tuple(args.shape)} in {time.perf_counter() - t0:.1f} s")
 
         cmd = [sys.executable, "-m", "medseg.cli", "evaluate", "--pred", str(preds), "--manifest", str(manifest),
-               "--out", str(root / "evaluation"), "--workers", str(args.workers), "--tolerance-mm", str(args.tolerance_mm)]
+               "--output", str(root / "evaluation"), "--workers", str(args.workers), "--tolerance-mm", str(args.tolerance_mm)]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         cli_s = time.perf_counter() - t0

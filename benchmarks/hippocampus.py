@@ -99,7 +99,7 @@ def main() -> int:
     t_start = time.perf_counter()
     print(f"hippocampus benchmark in {work} (preset {a.preset}, threads {a.threads or 'default'})", flush=True)
 
-    stages["import"] = run_stage("import", ["data", "import-msd", str(a.data), "--out", str(manifest), *SPLIT_ARGS], env, REPO, logs)
+    stages["import"] = run_stage("import", ["data", "import-msd", str(a.data), "--output", str(manifest), *SPLIT_ARGS], env, REPO, logs)
     split = splits_of(manifest)
     if COMMITTED.is_file() and splits_of(COMMITTED) != split:
         sys.exit(f"{manifest}: split differs from the committed {COMMITTED}")

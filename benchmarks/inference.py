@@ -173,7 +173,7 @@ def main() -> None:
                 pred, peak_med, d_med = runs[grid]
                 t_med = float(np.median(times[grid]))
                 with torch.inference_mode():
-                    med_probs = p._probabilities(p._from_image(img, "synthetic"), "synthetic")
+                    med_probs = p.probabilities_inverted(p.from_image(img, "synthetic"), "synthetic")
                 diff = float((med_probs - plain_probs).abs().amax(0)[torch.from_numpy(body)].max())
                 agree = float((pred.labels == plain_labels)[body].mean())
                 print(f"  medseg, window_grid={grid}: {t_med:7.2f} s  {nvox / t_med:7.2f} Mvox/s  peak RSS {peak_med:7.0f} MiB "

@@ -31,7 +31,7 @@ from medseg.inference.preparation import (
 from medseg.inference.slab_resample import SpacingSettings, lazy_geometry, resample_in_slabs, spacing_settings
 from medseg.inference.sliding import WindowOptions, WindowRunner
 from medseg.inference.streaming import streaming_sliding_window
-from medseg.io.nifti import read_unscaled
+from medseg.io.nifti import load_nifti, read_unscaled
 from medseg.runtime.device import Precision
 from medseg.runtime.memory import release_free_heap
 
@@ -52,9 +52,19 @@ class Segmenting(Protocol):
 
     def check_finite(self, image: torch.Tensor | np.ndarray, name: Path | str) -> None: ...
 
+    def check_channels(self, reference: nib.Nifti1Image, n_files: int, path: Path | str) -> None: ...
+
     def from_image(
         self, image: nib.Nifti1Image, name: str, raw: bool = False, steps: Compose | None = None
     ) -> dict: ...
+
+
+class SegmentationPath(Protocol):
+    """A strategy of the predictor: segments one scan into its label map in the scan's own grid."""
+
+    def segment(
+        self, source: nib.Nifti1Image | list[Path], name: str | Path, with_probabilities: bool
+    ) -> tuple[np.ndarray, nib.Nifti1Image, np.ndarray | None]: ...
 
 
 class BoundedPath:
@@ -62,6 +72,14 @@ class BoundedPath:
 
     def __init__(self, predictor: Segmenting) -> None:
         self.p = predictor
+
+    def segment(
+        self, source: nib.Nifti1Image | list[Path], name: str | Path, with_probabilities: bool
+    ) -> tuple[np.ndarray, nib.Nifti1Image, None]:
+        """Label map and input header of a one-file scan (no probabilities: only the label map is inverted)."""
+        reference = load_nifti(source[0]) if isinstance(source, list) else source
+        self.p.check_channels(reference, 1, name)
+        return self.labels(reference, name), reference, None
 
     @torch.inference_mode()
     def labels(self, image: nib.Nifti1Image, name: Path | str) -> np.ndarray:

@@ -39,7 +39,7 @@ from monai.transforms import Compose, Invertd
 
 from medseg.data.kinds import data_kind
 from medseg.errors import InputError
-from medseg.inference.bounded import BoundedPath
+from medseg.inference.bounded import BoundedPath, SegmentationPath
 from medseg.inference.label_maps import argmax_classes, check_overlay, invert_label_map, quantize_probabilities
 from medseg.inference.model_package import ModelPackage
 from medseg.inference.postprocess import postprocess
@@ -50,7 +50,7 @@ from medseg.inference.preparation import (
     expand_box,
     spatial_transforms,
 )
-from medseg.inference.slab_resample import lazy_geometry, resample_in_slabs, spacing_settings
+from medseg.inference.resampled import ResampledPath
 from medseg.inference.sliding import WindowOptions, WindowRunner, model_channels_last, network_fn, window_logits
 from medseg.inference.window_grid import BodyWindows, aligned_box, body_extent
 from medseg.io.nifti import load_nifti, read_array, voxel_spacing
@@ -115,12 +115,13 @@ class Predictor:
         self.predict_fn = network_fn(self.model, dims, layout_channels_last=inf.channels_last)
         self.mirror_axes = data_kind(self.cfg).mirror_axes(inf)
         self.last_windows: dict[str, int] = {}
-        self.bounded = BoundedPath(self)
+        self.standard, self.resampled, self.bounded = StandardPath(self), ResampledPath(self), BoundedPath(self)
         if inf.memory_bounded:
             return_freed_memory_to_os()
 
     # ---- loading ---------------------------------------------------------------------------------
-    def _check_channels(self, reference: nib.Nifti1Image, n_files: int, path: Path | str) -> None:
+    def check_channels(self, reference: nib.Nifti1Image, n_files: int, path: Path | str) -> None:
+        """``InputError`` naming ``path`` unless the scan is 3D (or 4D channels) with the model's channel count."""
         if len(reference.shape) not in (3, 4):
             raise InputError(path, f"expected a 3D volume, got shape {reference.shape}")
         n_in = int(self.package.metadata["in_channels"])
@@ -131,7 +132,7 @@ class Predictor:
     def from_files(self, image_paths: list[Path], steps: Compose | None = None) -> tuple[dict, nib.Nifti1Image]:
         """Load and preprocess channel files (``steps``: other transforms than the spatial ones, from loading on)."""
         reference = load_nifti(image_paths[0])
-        self._check_channels(reference, len(image_paths), image_paths[0])
+        self.check_channels(reference, len(image_paths), image_paths[0])
         files = [str(p) for p in image_paths]
         data = (steps or self.spatial)({"image": files if len(files) > 1 else files[0]})
         return data, reference
@@ -142,7 +143,7 @@ class Predictor:
         ``raw`` keeps the voxel dtype (memory-bounded mode); otherwise the image becomes float32 as from a file.
         ``steps`` replaces the steps after loading (e.g. only the float cast, for slab-wise resampling).
         """
-        self._check_channels(image, 1, name)
+        self.check_channels(image, 1, name)
         array = read_array(image, name)
         array = array[None] if array.ndim == 3 else np.moveaxis(array, -1, 0)  # channel first
         affine = torch.as_tensor(image.affine, dtype=torch.float64)
@@ -191,8 +192,8 @@ class Predictor:
         self.last_windows = {"run": wp.windows_run, "skipped": wp.windows_skipped}
         return logits[0], box
 
-    def _probabilities_preprocessed(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmax (C, *spatial) on the preprocessed grid (background outside the crop)."""
+    def probabilities_preprocessed(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax (C, *spatial) on the preprocessed grid (background outside the crop); ``x`` is normalised in place."""
         probs = torch.zeros((self.num_classes, *x.shape[1:]), dtype=torch.float32)
         probs[0] = 1.0
         result = self._windowed_logits(x)
@@ -205,16 +206,17 @@ class Predictor:
         return probs
 
     @torch.inference_mode()
-    def _probabilities(self, data: dict, name: Path | str) -> torch.Tensor:
+    def probabilities_inverted(self, data: dict, name: Path | str) -> torch.Tensor:
+        """Softmax of preprocessed ``data`` taken back to the scan's grid by MONAI's ``Invertd`` (bilinear)."""
         image: MetaTensor = data["image"]
         self.check_finite(image.as_tensor(), name)
-        probs = self._probabilities_preprocessed(image.as_tensor())
+        probs = self.probabilities_preprocessed(image.as_tensor())
         data["pred"] = MetaTensor(probs, meta=image.meta, applied_operations=image.applied_operations)
         restored = self.invert(data)["pred"]
         return restored.as_tensor() if isinstance(restored, MetaTensor) else torch.as_tensor(restored)
 
     @torch.inference_mode()
-    def _labels_unresampled(self, data: dict, name: Path | str) -> np.ndarray:
+    def labels_unresampled(self, data: dict, name: Path | str) -> np.ndarray:
         """Label map without the probability round trip, for preprocessing that does not resample.
 
         Reorientation and the crop only move voxels, so the argmax commutes with their inverse: taking it on the
@@ -239,74 +241,23 @@ class Predictor:
         the slab-wise path of ``predict`` is tested against, and a convenience for small scans.
         """
         data, reference = self.from_files(image_paths)
-        return self._probabilities(data, image_paths[0]), reference
+        return self.probabilities_inverted(data, image_paths[0]), reference
+
+    def path_for(self, source: nib.Nifti1Image | list[Path]) -> SegmentationPath:
+        """The strategy that segments ``source``: memory-bounded (one-file scans only), resampled or standard."""
+        if self.cfg.inference.memory_bounded and not (isinstance(source, list) and len(source) > 1):
+            return self.bounded
+        return self.resampled if self.cfg.data.spacing is not None else self.standard
 
     def _segment(
         self, source: nib.Nifti1Image | list[Path], name: str | Path, with_probabilities: bool = False
     ) -> tuple[np.ndarray, nib.Nifti1Image, np.ndarray | None]:
-        bounded = self.cfg.inference.memory_bounded
-        if bounded and with_probabilities:
+        if self.cfg.inference.memory_bounded and with_probabilities:
             raise ValueError("probabilities cannot be saved in memory-bounded mode (it inverts only the label map)")
-        if not bounded or (isinstance(source, list) and len(source) > 1):  # multi-file channels: the standard path
-            if self.cfg.data.spacing is not None:  # resampled model: to its grid and back slab by slab
-                return self._segment_resampled(source, name, with_probabilities)
-            if isinstance(source, list):
-                data, reference = self.from_files(source)
-            else:
-                data, reference = self.from_image(source, str(name)), source
-            if not with_probabilities and self.package.num_classes < 256:
-                return self._labels_unresampled(data, name), reference, None
-            probs = self._probabilities(data, name)
-            return self._argmax(probs), reference, quantize_probabilities(probs) if with_probabilities else None
-        reference = load_nifti(source[0]) if isinstance(source, list) else source
-        self._check_channels(reference, 1, name)
-        return self.bounded.labels(reference, name), reference, None
+        return self.path_for(source).segment(source, name, with_probabilities)
 
-    @torch.inference_mode()
-    def _segment_resampled(
-        self, source: nib.Nifti1Image | list[Path], name: str | Path, with_probabilities: bool
-    ) -> tuple[np.ndarray, nib.Nifti1Image, np.ndarray | None]:
-        """Resampled model: the scan goes to the model's grid and the probabilities come back slab by slab.
-
-        The float32 scan (as MONAI's loading makes it) is resampled onto the grid ``Orientationd`` + ``Spacingd``
-        define, slab by slab with their settings (``slab_resample``; equal to the whole-volume transforms). Each slab
-        of the scan's own grid then gets the class probabilities resampled back (bilinear, as ``Invertd``:
-        reorientation and spacing undone in one step) and is reduced to labels (and quantised probabilities) at
-        once, so neither direction builds a whole-volume sampling grid or a full-size float volume of all classes
-        (512x512x300 resampled 0.8 -> 1 mm: +6.8 GiB above the scan with MONAI's whole-volume transforms).
-        """
-        if isinstance(source, list):
-            data, reference = self.from_files(source, steps=self.loading)
-        else:
-            data, reference = self.from_image(source, str(name), steps=self.loading_in_memory), source
-        loaded: MetaTensor = data.pop("image")
-        self.check_finite(loaded.as_tensor(), name)
-        src_affine = np.asarray(loaded.affine, dtype=np.float64)
-        settings = spacing_settings(self.grid_steps)
-        grid_affine, grid_shape = lazy_geometry(self.grid_steps, loaded)
-        image = resample_in_slabs(
-            loaded.as_tensor(), src_affine, grid_affine, grid_shape, device=self.device, **settings
-        )
-        del loaded
-        if image is None:  # only an ``emit`` call returns None
-            raise RuntimeError("resample_in_slabs returned no image")
-        probs = self._probabilities_preprocessed(image)
-        del image
-        shape = tuple(int(n) for n in reference.shape[:3])
-        labels = np.zeros(shape, dtype=np.uint8 if self.num_classes < 256 else np.uint16)
-        quantised = np.zeros((*shape, self.num_classes), dtype=np.uint8) if with_probabilities else None
-
-        def emit(z0: int, part: torch.Tensor) -> None:
-            part = part.cpu()  # sampled on the device; one slab comes back
-            z1 = z0 + part.shape[-1]
-            labels[..., z0:z1] = self._argmax(part)
-            if quantised is not None:
-                quantised[..., z0:z1, :] = quantize_probabilities(part)
-
-        resample_in_slabs(probs, grid_affine, src_affine, shape, emit=emit, device=self.device, **settings)
-        return labels, reference, quantised
-
-    def _argmax(self, probs: torch.Tensor) -> np.ndarray:
+    def argmax(self, probs: torch.Tensor) -> np.ndarray:
+        """Label map of (C, *spatial) scores: uint8 below 256 classes, else uint16."""
         if self.package.num_classes < 256:
             return argmax_classes(probs).numpy()
         return probs.argmax(0).numpy().astype(np.uint16)
@@ -326,3 +277,29 @@ class Predictor:
         voxel_ml = float(np.prod(voxel_spacing(reference.affine))) / 1000.0
         labels = postprocess(labels, self.cfg.inference, voxel_ml, self.package.labels.values())
         return Prediction(labels, reference, time.perf_counter() - t0, probs, dict(self.last_windows))
+
+
+class StandardPath:
+    """Models without resampling: the whole preprocessed scan, the window function, and ``Invertd`` back.
+
+    Reorientation and the crop only move voxels, so without probabilities the argmax is taken on the
+    preprocessed grid and only the uint8 label map is inverted; with probabilities (or 256+ classes) the
+    softmax goes back through MONAI's ``Invertd`` first.
+    """
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.p = predictor
+
+    def segment(
+        self, source: nib.Nifti1Image | list[Path], name: str | Path, with_probabilities: bool
+    ) -> tuple[np.ndarray, nib.Nifti1Image, np.ndarray | None]:
+        """Label map, the input header and (optionally) quantised probabilities, in the input's grid."""
+        p = self.p
+        if isinstance(source, list):
+            data, reference = p.from_files(source)
+        else:
+            data, reference = p.from_image(source, str(name)), source
+        if not with_probabilities and p.package.num_classes < 256:
+            return p.labels_unresampled(data, name), reference, None
+        probs = p.probabilities_inverted(data, name)
+        return p.argmax(probs), reference, quantize_probabilities(probs) if with_probabilities else None

@@ -106,10 +106,3 @@ def test_body_grid_runs_fewer_windows_and_keeps_geometry(tiny_phantom: Path, tmp
     raw = np.asanyarray(nib.load(path).dataobj)
     assert np.array_equal(body.labels, expected_mask(raw)) and np.array_equal(whole.labels, expected_mask(raw))
     assert body.windows["run"] + body.windows["skipped"] <= whole.windows["run"] + whole.windows["skipped"]
-
-
-def test_argmax_classes_matches_torch_argmax_including_ties() -> None:
-    torch.manual_seed(4)
-    scores = torch.randint(0, 3, (5, 7, 6, 4)).float()  # many exact ties
-    assert torch.equal(argmax_classes(scores).long(), scores.argmax(0))
-    assert argmax_classes(scores).dtype == torch.uint8

@@ -67,12 +67,3 @@ def test_forward_equals_monai_spacing_and_back_equals_invertd(name: str, channel
 def test_spacing_settings_need_a_spacing_transform() -> None:
     with pytest.raises(ValueError, match="no Spacingd"):
         spacing_settings(mt.Compose([mt.Orientationd(keys="image", axcodes="RAS")]))
-
-
-def test_resampled_dtype_keeps_stored_integers_when_they_fit() -> None:
-    from medseg.inference.label_maps import resampled_dtype
-
-    assert resampled_dtype(np.zeros(4, np.int16)) == torch.int16 and resampled_dtype(np.zeros(4, np.uint8)) == torch.uint8
-    assert resampled_dtype(np.array([0, 4095], np.uint16)) == torch.int16  # 12-bit data: half the bytes of float32
-    assert resampled_dtype(np.array([0, 40000], np.uint16)) == torch.float32
-    assert resampled_dtype(np.zeros(4, np.float32)) == torch.float32

@@ -1,6 +1,6 @@
 """Optional batch outputs: class probabilities in the input's geometry, and the batch's MLflow run.
 
-Probabilities go through the real predictor with the oracle network of ``test_geometry`` (resampled to
+Probabilities go through the real predictor with the oracle network of ``tests.helpers`` (resampled to
 another spacing and back, so the saved probabilities are interpolated, not just 0/1). The MLflow run is
 made by the real CLI against the ``mlflow_server`` fixture, with scans named like patients, and every
 param, tag and metric of the run is searched for those names.
@@ -14,30 +14,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from medseg.inference.batch import run_batch
 from medseg.inference.inputs import discover_inputs
 from medseg.inference.model_package import load_package
 from medseg.inference.predictor import Predictor
-from medseg.inference.label_maps import quantize_probabilities
-from tests.conftest import run_cli
-from tests.helpers import copy_phantom_scans, oracle_model, phantom_package
-
-
-def test_quantized_probabilities_keep_argmax_and_sum() -> None:
-    g = torch.Generator().manual_seed(0)
-    probs = torch.softmax(torch.randn(4, 30, 20, 10, generator=g) * 3, dim=0)
-    probs[:, 0, 0, 0] = torch.tensor([0.5, 0.5, 0.0, 0.0])  # an exact tie
-    q = quantize_probabilities(probs)
-    assert q.dtype == np.uint8 and q.shape == (30, 20, 10, 4)
-    assert (q.sum(-1, dtype=np.int32) == 255).all()
-    assert np.array_equal(q.argmax(-1), probs.argmax(0).numpy())
-    err = np.abs(q / 255.0 - np.moveaxis(probs.numpy(), 0, -1))
-    top2 = np.sort(probs.numpy(), axis=0)[-2:]
-    clear = (top2[1] - top2[0]) > 2 / 255  # away from near-ties every class is within one step
-    assert err[clear].max() <= 1 / 255 + 1e-6 and err.max() <= 4 / 255
-    assert q[0, 0, 0, 0] > q[0, 0, 0, 1]  # the tie goes to the lower class, as argmax does
+from tests.helpers import copy_phantom_scans, oracle_model, phantom_package, run_cli
 
 
 def test_probabilities_overlay_input_and_resume_needs_them(tiny_phantom: Path, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""Trainer options that change what a run does: class-balanced patches, early stopping, time budget,
-gradient accumulation. Each runs the real Trainer on the tiny phantom (CPU, no tracking)."""
+"""The Trainer (``medseg.engine.trainer``): options that change what a run does (class-balanced patches, early
+stopping, time budget, gradient accumulation), each on the real Trainer and the tiny phantom (CPU, no tracking),
+and the start-up check that the patch fits the network."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from medseg.config import load_config
 from medseg.data.kinds import train_transforms
 from medseg.engine.train_data import case_dicts as _case_dicts
 from medseg.engine.trainer import Trainer
+from medseg.errors import ConfigError
 from medseg.io.manifest import load_manifest
 
 TINY = ["data.patch_size=[16, 16, 8]", "model.params.channels=[4, 8, 16]", "model.params.strides=[2, 2]",
@@ -87,3 +89,11 @@ def test_model_package_carries_the_dataset_plans(phantom_copy: Path, tmp_path: P
     package = tmp_path / "t" / "model"
     assert json.loads((package / "plans.json").read_text()) == plans
     assert json.loads((package / "metadata.json").read_text())["plans"] == "plans.json"
+
+
+def test_patch_that_does_not_fit_the_network_is_a_config_error(tiny_phantom: Path, tmp_path: Path) -> None:
+    cfg = load_config("vnet_dice_focal", [f"data.manifest={tiny_phantom}", f"train.output_dir={tmp_path}",
+                                          "data.patch_size=[24, 24, 16]", "tracking.backend=none"])
+    trainer = Trainer(cfg, load_manifest(tiny_phantom))
+    with pytest.raises(ConfigError, match=r"data.patch_size \[24, 24, 16\] does not fit model 'vnet'"):
+        trainer._model()
