@@ -22,6 +22,7 @@ from PIL import Image
 
 from medseg.config import Config, DataConfig
 from medseg.data.augmentations import augmentations
+from medseg.data.intensity import intensity_steps
 from medseg.data.keys import IMAGE, LABEL
 
 
@@ -56,17 +57,7 @@ def image_preprocessing(data: DataConfig, with_label: bool) -> list[mt.Transform
         )
     if data.resize is not None:
         out.append(mt.Resized(keys=keys, spatial_size=tuple(data.resize), mode=["bilinear", "nearest"][: len(keys)]))
-    if data.intensity.mode in ("range", "ct_window"):
-        out.append(
-            mt.ScaleIntensityRanged(
-                keys=IMAGE, a_min=data.intensity.lower, a_max=data.intensity.upper, b_min=0.0, b_max=1.0, clip=True
-            )
-        )
-    else:
-        out.append(mt.NormalizeIntensityd(keys=IMAGE, nonzero=data.intensity.nonzero, channel_wise=True))
-    if with_label:
-        out.append(mt.EnsureTyped(keys=LABEL, dtype=np.int64))
-    return out
+    return [*out, *intensity_steps(data, with_label)]
 
 
 def image_train_transforms(cfg: Config) -> mt.Compose:

@@ -16,6 +16,7 @@ from monai import transforms as mt
 
 from medseg.config import Config, DataConfig
 from medseg.data.augmentations import augmentations
+from medseg.data.intensity import intensity_steps
 from medseg.data.keys import IMAGE, LABEL
 
 if TYPE_CHECKING:
@@ -62,17 +63,7 @@ def preprocessing(data: DataConfig, with_label: bool) -> list[mt.Transform]:
                 allow_smaller=True,
             )
         )
-    if data.intensity.mode in ("ct_window", "range"):
-        out.append(
-            mt.ScaleIntensityRanged(
-                keys=IMAGE, a_min=data.intensity.lower, a_max=data.intensity.upper, b_min=0.0, b_max=1.0, clip=True
-            )
-        )
-    else:
-        out.append(mt.NormalizeIntensityd(keys=IMAGE, nonzero=data.intensity.nonzero, channel_wise=True))
-    if with_label:
-        out.append(mt.EnsureTyped(keys=LABEL, dtype=np.int64))
-    return out
+    return [*out, *intensity_steps(data, with_label)]
 
 
 def _sampling(cfg: Config, num_classes: int) -> list[mt.Transform]:
