@@ -18,7 +18,7 @@ from medseg.inference.inputs import InputCase, case_sha256
 from medseg.inference.label_maps import organ_volumes, save_probabilities_like
 from medseg.inference.model_package import ModelPackage
 from medseg.inference.predictor import Prediction, Predictor
-from medseg.inference.records import MASK_SUFFIX, PROBS_SUFFIX, SEG_SUFFIX, outputs_of, probabilities_name
+from medseg.inference.records import SEG_SUFFIX, outputs_of, probabilities_name
 from medseg.io.nifti import save_label_like
 from medseg.registry import Registry
 
@@ -62,24 +62,18 @@ class VolumeCases(CaseRunner):
         self, case: InputCase, out: Path, model: dict[str, Any], probabilities: bool, checksum: Future | None
     ) -> dict[str, Any]:
         labels = self.package.labels
-        if case.series is not None:
-            image = load_series_image(case.series)
-            pred = self.predictor.predict(image, name=str(case.series.folder), with_probabilities=probabilities)
-            _save_probabilities(pred, out / f"{case.id}{PROBS_SUFFIX}")
-            save_label_like(pred.labels, pred.reference, out / f"{case.id}{MASK_SUFFIX}")
-            write_series_seg(
-                pred.labels, case.series, labels, out / f"{case.id}{SEG_SUFFIX}", model["name"], model["version"]
-            )
-            extra = {
-                "input_sha256": _sha256(case, checksum),
-                "n_slices": case.series.n_slices,
-                "modality": case.series.modality,
-            }
-        else:
-            pred = self.predictor.predict(list(case.images), with_probabilities=probabilities)
-            _save_probabilities(pred, out / f"{case.id}{PROBS_SUFFIX}")
-            save_label_like(pred.labels, pred.reference, out / f"{case.id}{MASK_SUFFIX}")
-            extra = {"input_sha256": _sha256(case, checksum)}
+        series = case.series
+        source = load_series_image(series) if series is not None else list(case.images)
+        name = str(series.folder) if series is not None else None
+        pred = self.predictor.predict(source, name=name, with_probabilities=probabilities)
+        _save_probabilities(pred, out / probabilities_name(case))
+        save_label_like(pred.labels, pred.reference, out / outputs_of(case)[0])
+        extra: dict[str, Any] = {}
+        if series is not None:
+            seg = out / f"{case.id}{SEG_SUFFIX}"
+            write_series_seg(pred.labels, series, labels, seg, model["name"], model["version"])
+            extra = {"n_slices": series.n_slices, "modality": series.modality}
+        extra = {"input_sha256": _sha256(case, checksum), **extra}
         return {
             "seconds": round(pred.seconds, 3),
             "shape": list(pred.labels.shape),

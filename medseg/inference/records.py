@@ -19,7 +19,8 @@ from medseg.inference.inputs import InputCase
 from medseg.inference.model_package import ModelPackage
 from medseg.io.atomic import is_output_file, write_text_atomic
 
-MASK_SUFFIX, SEG_SUFFIX, RECORD_SUFFIX, PROBS_SUFFIX = ".nii.gz", ".seg.dcm", ".json", "_probs.nii.gz"
+SEG_SUFFIX, RECORD_SUFFIX = ".seg.dcm", ".json"
+MASK_SUFFIX = data_kind("volume").mask_suffix  # records older than the "outputs" list name only a volume mask
 SUMMARY = "summary.csv"
 
 
