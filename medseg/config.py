@@ -144,6 +144,51 @@ class TrainConfig(_Strict):
     )
 
 
+def parse_code(text: str) -> tuple[str, str, str]:
+    """``"SCT^10200004^Liver"`` -> ``("SCT", "10200004", "Liver")`` (scheme, code value, meaning); ``ValueError``
+    unless it has three non-empty ``^``-separated parts (a SNOMED CT code value is digits)."""
+    parts = [p.strip() for p in str(text).split("^")]
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"{text!r}: expected SCHEME^CODE^MEANING, e.g. SCT^10200004^Liver")
+    scheme, value, meaning = parts
+    if len(scheme) > 16 or not scheme.replace("-", "").isalnum() or not scheme.isupper():
+        raise ValueError(f"{text!r}: coding scheme {scheme!r} must be an upper-case designator such as SCT")
+    if scheme == "SCT" and not value.isdigit():
+        raise ValueError(f"{text!r}: a SNOMED CT code value is a number")
+    if len(meaning) > 64:
+        raise ValueError(f"{text!r}: code meaning longer than 64 characters")
+    return scheme, value, meaning
+
+
+class SegmentCodeConfig(_Strict):
+    """What a label is, as two codes ``SCHEME^CODE^MEANING`` (SNOMED CT: ``SCT^10200004^Liver``)."""
+
+    category: str = Field(description="segmented property category (CID 7150), e.g. SCT^123037004^Anatomical Structure")
+    type: str = Field(description="segmented property type, e.g. SCT^10200004^Liver")
+
+    @field_validator("category", "type")
+    @classmethod
+    def _coded(cls, v: str) -> str:
+        parse_code(v)
+        return v
+
+
+class DicomOutputConfig(_Strict):
+    """Header fields and codes of the DICOM-SEG / RTSTRUCT written for a DICOM series."""
+
+    series_description: str = Field(
+        default="medseg segmentation", min_length=1, max_length=64, description="SeriesDescription of SEG and RTSTRUCT"
+    )
+    manufacturer: str = Field(default="medseg", min_length=1, max_length=64, description="their Manufacturer")
+    algorithm_name: str | None = Field(default=None, max_length=64, description="None: the model's name")
+    algorithm_version: str | None = Field(default=None, max_length=64, description="None: the model's version")
+    codes: dict[str, SegmentCodeConfig] = Field(
+        default_factory=dict,
+        description="label name -> {category, type} codes; SEG segments of unlisted labels are SCT Tissue/Tissue, "
+        "RTSTRUCT ROIs of unlisted labels carry no code",
+    )
+
+
 class InferenceConfig(_Strict):
     """Sliding-window inference and post-processing."""
 
@@ -182,6 +227,12 @@ class InferenceConfig(_Strict):
         "predictions reproduce the validation metrics; fewer windows); whole: windows on the whole scan's grid, so body "
         "voxels get exactly what a plain whole-volume sliding window gives. Body-free windows are skipped in both",
     )
+    dicom_output: Literal["seg", "rtstruct", "both", "none"] = Field(
+        default="seg",
+        description="DICOM series only: DICOM objects written beside the NIfTI mask: seg (<id>.seg.dcm), "
+        "rtstruct (<id>.rtstruct.dcm), both, or none",
+    )
+    dicom: DicomOutputConfig = DicomOutputConfig()
 
 
 class TrackingConfig(_Strict):

@@ -55,7 +55,7 @@ def run_prediction(
 ) -> BatchReport:
     """Segment every input case of ``source`` with ``model`` into ``output``; the report of the batch.
 
-    Steps: discover the inputs (``inference.inputs.discover_inputs``: NIfTI file/folder, manifest, optionally
+    Steps: discover the inputs (``inference.inputs.discover``: NIfTI file/folder, manifest, optionally
     one ``split``, DICOM folder, 2D images), load the model package (a folder, run folder or ``models:/``,
     ``runs:/`` reference through ``tracking_uri``) with ``overrides`` (``inference.KEY=VALUE``) applied,
     check ``save_probabilities`` against the whole batch, keep only ``shard`` ``(I, N)`` of the cases (give the
@@ -68,12 +68,13 @@ def run_prediction(
     ``PredictionOptionError`` before any case is segmented.
     """
     from medseg.inference.batch import check_probabilities_option, run_batch
-    from medseg.inference.inputs import discover_inputs
+    from medseg.inference.inputs import discover
     from medseg.inference.model_package import load_package
     from medseg.inference.options import apply_inference_overrides
     from medseg.inference.shard import select_shard
 
-    cases = discover_inputs(source, split)
+    found = discover(source, split)
+    cases = found.cases
     package = apply_inference_overrides(load_package(model, tracking_uri), list(overrides))
     if save_probabilities:
         try:
@@ -96,9 +97,13 @@ def run_prediction(
         mlflow_experiment=mlflow_experiment,
         tracking_uri=tracking_uri,
         shard=shard,
+        not_scans=found.not_scans,
     )
 
 
 def describe_prediction(report: BatchReport, output: str | Path) -> str:
     """The one-line outcome of a prediction run: ``N predicted, M already done, K failed -> OUTPUT``."""
-    return f"{len(report.done)} predicted, {len(report.skipped)} already done, {len(report.failed)} failed -> {output}"
+    line = f"{len(report.done)} predicted, {len(report.skipped)} already done, {len(report.failed)} failed"
+    if report.not_scans:
+        line += f", {len(report.not_scans)} non-image objects skipped (listed in skipped_objects.csv)"
+    return f"{line} -> {output}"

@@ -18,13 +18,15 @@ from __future__ import annotations
 import logging
 import sys
 import time
-import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from medseg.errors import MedsegError
 from medseg.inference.batch_tracking import BatchTracking
+from medseg.inference.case_notes import CaseNotes
 from medseg.inference.case_runners import CASE_RUNNERS, CaseRunner
+from medseg.inference.dicom_output import dicom_codes
 from medseg.inference.inputs import InputCase, check_model_kind
 from medseg.inference.model_package import ModelPackage
 from medseg.inference.read_ahead import ReadAhead
@@ -36,19 +38,14 @@ from medseg.inference.records import (
     outputs_of,
     probabilities_name,
     remove_stale_temps,
+    write_skipped_objects,
     write_summary,
 )
 from medseg.io.atomic import write_json_atomic
+from medseg.io.dicom_series import NonImageObject
 from medseg.runtime.memory import PeakMemory
 
 log = logging.getLogger("medseg.predict")
-
-
-def _warning_text(w: warnings.WarningMessage) -> str:
-    # pydicom's value warnings can quote header values (patient names); keep only their category.
-    if "pydicom" in (w.filename or "") or "pydicom" in type(w.message).__module__:
-        return f"pydicom {w.category.__name__}"
-    return f"{w.category.__name__}: {str(w.message).splitlines()[0][:300]}"
 
 
 def check_probabilities_option(package: ModelPackage, cases: list[InputCase]) -> None:
@@ -90,6 +87,7 @@ def run_batch(
     tracking_uri: str | None = None,
     shard: tuple[int, int] | None = None,
     read_ahead: bool = True,
+    not_scans: Sequence[NonImageObject] = (),
 ) -> BatchReport:
     """Segment every case; failures are recorded per case and the batch goes on.
 
@@ -99,9 +97,13 @@ def run_batch(
     ``mlflow_experiment`` logs one run for this call (``shard`` is recorded with it) to ``tracking_uri``
     (default: ``mlflow.db`` in the working folder); see ``batch_tracking`` for what is and is not logged.
     ``read_ahead`` reads the next case's files (checksum, page cache) while the current one is segmented.
+    ``not_scans``: DICOM objects of the input that are not image series (``inputs.discover``); they are listed in
+    ``skipped_objects.csv`` and in the report, never failures.
     """
     t_start = time.perf_counter()
     check_inputs_fit_model(package, cases)
+    if any(c.series is not None for c in cases):  # a misspelt label in inference.dicom.codes fails now, not per case
+        dicom_codes(package.config.inference.dicom, package.labels)
     if save_probabilities:
         check_probabilities_option(package, cases)
     tracking = None
@@ -127,6 +129,9 @@ def run_batch(
         if tracking is not None:
             tracking.end("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
         raise
+    report.not_scans = [(o.name, o.what) for o in not_scans]
+    if not_scans:
+        write_skipped_objects(Path(out_dir), not_scans)
     report.seconds = time.perf_counter() - t_start
     if tracking is not None:
         tracking.finish(report)
@@ -190,11 +195,13 @@ def _predict_all(
             inputs = [case.id] if case.series is not None else [p.name for p in case.images]
             record: dict[str, Any] = {"case": case.id, "kind": case.kind, "inputs": inputs, "model": model}
             t0 = time.perf_counter()
-            with PeakMemory() as peak, warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
+            with PeakMemory() as peak, CaseNotes() as caught:
                 try:
                     fields = runner.run(case, out, model, save_probabilities, reading)
-                    record.update(status="ok", **fields, outputs=outputs_of(case, save_probabilities))
+                    fields.setdefault("outputs", outputs_of(case, save_probabilities))
+                    for note in fields.pop("warnings", []):
+                        caught.add(note)
+                    record.update(status="ok", **fields)
                     report.done.append(case.id)
                 except MedsegError as e:
                     record.update(status="failed", error=str(e))
@@ -204,7 +211,7 @@ def _predict_all(
                     log.exception("%s failed", case.id)
             if record["status"] == "failed":
                 report.failed[case.id] = record["error"]
-            notes = list(dict.fromkeys(_warning_text(w) for w in caught))
+            notes = caught.notes
             notes += [
                 f"no voxels predicted for {name}" for name, v in record.get("organs", {}).items() if not v["voxels"]
             ]

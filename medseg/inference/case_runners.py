@@ -12,13 +12,15 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from medseg.inference.dicom_input import load_series_image, write_series_seg
+from medseg.inference.dicom_input import load_series_image
+from medseg.inference.dicom_output import write_dicom_outputs
 from medseg.inference.images2d import ImagePredictor, predict_image_case
 from medseg.inference.inputs import InputCase, case_sha256
 from medseg.inference.label_maps import organ_volumes, save_probabilities_like
 from medseg.inference.model_package import ModelPackage
 from medseg.inference.predictor import Prediction, Predictor
-from medseg.inference.records import SEG_SUFFIX, outputs_of, probabilities_name
+from medseg.inference.records import dicom_output_names, outputs_of, probabilities_name
+from medseg.io.dicom_series import SeriesInfo
 from medseg.io.nifti import save_label_like
 from medseg.registry import Registry
 
@@ -52,7 +54,7 @@ def _sha256(case: InputCase, checksum: Future | None) -> str:
 
 @CASE_RUNNERS.register("volume")
 class VolumeCases(CaseRunner):
-    """NIfTI files and DICOM series: mask (and DICOM-SEG), optional probabilities, organ volumes."""
+    """NIfTI files and DICOM series: mask (and DICOM-SEG / RTSTRUCT), optional probabilities, organ volumes."""
 
     @classmethod
     def load(cls, package: ModelPackage, device: str, local_rank: int | None) -> Predictor:
@@ -68,19 +70,43 @@ class VolumeCases(CaseRunner):
         pred = self.predictor.predict(source, name=name, with_probabilities=probabilities)
         _save_probabilities(pred, out / probabilities_name(case))
         save_label_like(pred.labels, pred.reference, out / outputs_of(case)[0])
-        extra: dict[str, Any] = {}
+        fields: dict[str, Any] = {"outputs": outputs_of(case, probabilities), "warnings": []}
         if series is not None:
-            seg = out / f"{case.id}{SEG_SUFFIX}"
-            write_series_seg(pred.labels, series, labels, seg, model["name"], model["version"])
-            extra = {"n_slices": series.n_slices, "modality": series.modality}
-        extra = {"input_sha256": _sha256(case, checksum), **extra}
+            written, notes = self._dicom_outputs(pred, case, series, out, model)
+            fields["outputs"] += written
+            fields["warnings"] = [*series.warnings, *notes]
+            fields.update(n_slices=series.n_slices, modality=series.modality)
         return {
             "seconds": round(pred.seconds, 3),
             "shape": list(pred.labels.shape),
             "organs": organ_volumes(pred.labels, pred.reference, labels),
             "windows": pred.windows,
-            **extra,
+            "input_sha256": _sha256(case, checksum),
+            **fields,
         }
+
+    def _dicom_outputs(
+        self, pred: Prediction, case: InputCase, series: SeriesInfo, out: Path, model: dict[str, Any]
+    ) -> tuple[list[str], list[str]]:
+        """(names written, warnings): the DICOM objects beside the mask. They cannot fail the case: its NIfTI
+        mask is complete, so a DICOM output that cannot be written leaves the case ok, with a warning saying why
+        and no partial DICOM file on disk."""
+        options = self.package.config.inference
+        names = dicom_output_names(case.id, options.dicom_output)
+        if not names:
+            return [], []
+        if series.uid_missing:
+            return [], ["no DICOM output: the source slices carry no SeriesInstanceUID for it to reference"]
+        try:
+            written = write_dicom_outputs(
+                pred.labels, series, self.package.labels, out, case.id, options, model["name"], model["version"]
+            )
+        except Exception as e:  # any library failure: the mask stands, the record says why
+            for n in names:  # a SEG written before the RTSTRUCT failed: the record lists neither, so neither stays
+                (out / n).unlink(missing_ok=True)
+            cause = str(e).splitlines()[0][:200] if str(e) else ""
+            return [], [f"no DICOM output ({type(e).__name__}: {cause}); the NIfTI mask is complete"]
+        return [Path(p).name for p in written], []
 
 
 @CASE_RUNNERS.register("image2d")

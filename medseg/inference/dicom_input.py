@@ -1,9 +1,9 @@
-"""DICOM series as prediction inputs: read a series into memory, checksum it, write its DICOM-SEG.
+"""DICOM series as prediction inputs: read a series into memory, checksum it, order a mask for its DICOM objects.
 
 The series becomes an in-memory NIfTI image with ``sitk_to_nifti`` (no temporary file), so the NIfTI mask
 written for it overlays the NIfTI form of the series exactly. Its voxel array is (x=column, y=row,
 z=slice); a DICOM-SEG label array is (slice, row, column) in ``SeriesInfo`` slice order, hence the
-transpose in ``write_series_seg``.
+transpose in ``seg_label_array`` (used by ``dicom_output``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medseg.io.dicom_seg import write_dicom_seg
 from medseg.io.dicom_series import SeriesInfo, read_series
 from medseg.io.sitk_nifti import sitk_to_nifti
 
@@ -37,23 +36,3 @@ def series_sha256(info: SeriesInfo, chunk: int = 1 << 20) -> str:
 def seg_label_array(labels_xyz: np.ndarray) -> np.ndarray:
     """A mask in the series' NIfTI voxel order (x, y, z) as a DICOM-SEG label array (slice, row, column)."""
     return np.ascontiguousarray(labels_xyz.transpose(2, 1, 0))
-
-
-def write_series_seg(
-    labels_xyz: np.ndarray,
-    info: SeriesInfo,
-    label_map: dict[str, int],
-    out_path: Path,
-    algorithm_name: str,
-    algorithm_version: str,
-) -> Path:
-    """Write the mask as a DICOM-SEG referencing the source series, one segment per label name (atomic)."""
-    segments = {name: int(v) for name, v in label_map.items() if int(v) != 0}  # background is not a segment
-    return write_dicom_seg(
-        seg_label_array(labels_xyz),
-        info.files,
-        segments,
-        out_path,
-        algorithm_name=algorithm_name[:64],
-        algorithm_version=algorithm_version[:64],
-    )

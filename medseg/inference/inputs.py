@@ -16,7 +16,7 @@ from medseg.inference.dicom_input import series_sha256
 from medseg.inference.model_package import ModelPackage
 from medseg.io.atomic import is_output_file
 from medseg.io.dicom_case_ids import uid_hash
-from medseg.io.dicom_series import SeriesInfo, discover_series
+from medseg.io.dicom_series import NonImageObject, SeriesInfo, scan_dicom_folder
 from medseg.io.images2d.common import IMAGE_SUFFIXES, list_images, safe_id
 from medseg.io.manifest import case_id_from_path, duplicates, load_manifest
 
@@ -48,14 +48,47 @@ def _is_nifti(p: Path) -> bool:
     return p.name.lower().endswith(NIFTI_SUFFIXES) and is_output_file(p)
 
 
+@dataclass(frozen=True)
+class Discovery:
+    """The cases found in an input, and the DICOM objects there that are not image series (skipped, listed)."""
+
+    cases: list[InputCase]
+    not_scans: tuple[NonImageObject, ...] = ()
+
+
 def discover_inputs(source: str | Path, split: str | None = None) -> list[InputCase]:
+    """The cases of ``source`` (see ``discover``)."""
+    return discover(source, split).cases
+
+
+def discover(source: str | Path, split: str | None = None) -> Discovery:
     """A NIfTI file, a folder of NIfTI files, a manifest (``.json``; optionally one split), a DICOM folder,
     or 2D images (a PNG/JPG file, a folder of them, a 2D-image manifest; ids as ``discover_images``).
 
     A folder with NIfTI files directly inside is a NIfTI folder; otherwise it is searched recursively for
-    DICOM series (one case per SeriesInstanceUID, id ``SeriesInfo.case_id``).
+    DICOM series (one case per SeriesInstanceUID, id ``SeriesInfo.case_id``); the DICOM objects that are not
+    image slices (RTSTRUCT, SEG, SR, KO, PR, RT plan/dose, DICOMDIR) are returned apart as ``not_scans``.
     """
     src = Path(source)
+    if src.is_dir() and not is_image_input(src) and not any(_is_nifti(p) for p in src.iterdir() if p.is_file()):
+        return _discover_dicom(src)
+    return Discovery(_discover_files(src, split))
+
+
+def _discover_dicom(src: Path) -> Discovery:
+    scan = scan_dicom_folder(src)
+    if not scan.series:
+        found = f" (only {len(scan.others)} non-image DICOM objects)" if scan.others else ""
+        raise InputError(src, f"no NIfTI files (.nii/.nii.gz) in this folder and no DICOM image series below it{found}")
+    counts = Counter(s.case_id for s in scan.series)  # same folder name in two studies: add the UID hash
+    cases = [
+        InputCase(s.case_id if counts[s.case_id] == 1 else f"{s.case_id}-{uid_hash(s.uid)}", s.files, s)
+        for s in scan.series
+    ]
+    return Discovery(cases, scan.others)
+
+
+def _discover_files(src: Path, split: str | None) -> list[InputCase]:
     if not src.exists():
         raise InputError(src, "input not found")
     if is_image_input(src):  # a manifest of images is read below like any other
@@ -69,19 +102,11 @@ def discover_inputs(source: str | Path, split: str | None = None) -> list[InputC
             raise InputError(src, "expected a NIfTI file (.nii/.nii.gz), a folder (NIfTI or DICOM) or a manifest .json")
         return [InputCase(case_id_from_path(src.name), (src,))]
     files = sorted(p for p in src.iterdir() if p.is_file() and _is_nifti(p))
-    if files:
-        cases = [InputCase(case_id_from_path(p.name), (p,)) for p in files]
-        dup = duplicates(c.id for c in cases)
-        if dup:
-            raise InputError(src, f"several files map to case id {dup[0]!r}")
-        return cases
-    series = discover_series(src)
-    if not series:
-        raise InputError(src, "no NIfTI files (.nii/.nii.gz) in this folder and no DICOM series below it")
-    counts = Counter(s.case_id for s in series)  # two folders of the same name in different studies: add the UID hash
-    return [
-        InputCase(s.case_id if counts[s.case_id] == 1 else f"{s.case_id}-{uid_hash(s.uid)}", s.files, s) for s in series
-    ]
+    cases = [InputCase(case_id_from_path(p.name), (p,)) for p in files]
+    dup = duplicates(c.id for c in cases)
+    if dup:
+        raise InputError(src, f"several files map to case id {dup[0]!r}")
+    return cases
 
 
 def is_image_input(path: Path) -> bool:

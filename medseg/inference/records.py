@@ -10,6 +10,7 @@ import csv
 import glob
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,20 @@ from medseg.data.kinds import data_kind
 from medseg.inference.inputs import InputCase
 from medseg.inference.model_package import ModelPackage
 from medseg.io.atomic import is_output_file, write_text_atomic
+from medseg.io.dicom_series import NonImageObject
 
 SEG_SUFFIX, RECORD_SUFFIX = ".seg.dcm", ".json"
+RTSTRUCT_SUFFIX = ".rtstruct.dcm"
+# inference.dicom_output -> suffixes of the DICOM objects a DICOM series case gets, in writing order
+DICOM_OUTPUT_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "seg": (SEG_SUFFIX,),
+    "rtstruct": (RTSTRUCT_SUFFIX,),
+    "both": (SEG_SUFFIX, RTSTRUCT_SUFFIX),
+    "none": (),
+}
 MASK_SUFFIX = data_kind("volume").mask_suffix  # records older than the "outputs" list name only a volume mask
 SUMMARY = "summary.csv"
+SKIPPED_OBJECTS = "skipped_objects.csv"
 
 
 @dataclass
@@ -36,6 +47,7 @@ class BatchReport:
     case_seconds: list[float] = field(default_factory=list)  # runtime of each case predicted or failed in this call
     peak_rss_mb: float = 0.0  # largest per-case peak RSS (MiB) in this call
     mlflow_run_id: str | None = None
+    not_scans: list[tuple[str, str]] = field(default_factory=list)  # (listed name, what) of skipped DICOM objects
 
     @property
     def exit_code(self) -> int:
@@ -48,10 +60,20 @@ def probabilities_name(case: InputCase) -> str:
     return f"{case.id}{data_kind(case.data_kind).probabilities_suffix}"
 
 
+def dicom_output_names(case_id: str, dicom_output: str) -> list[str]:
+    """Names of the DICOM files a DICOM series case leaves for ``inference.dicom_output`` (``ValueError`` if unknown)."""
+    if dicom_output not in DICOM_OUTPUT_SUFFIXES:
+        raise ValueError(f"dicom_output {dicom_output!r}: expected one of {sorted(DICOM_OUTPUT_SUFFIXES)}")
+    return [f"{case_id}{suffix}" for suffix in DICOM_OUTPUT_SUFFIXES[dicom_output]]
+
+
 def outputs_of(case: InputCase, probabilities: bool = False) -> list[str]:
-    """File names a finished case leaves (the JSON record is written after them)."""
+    """File names every finished case of this kind leaves: the mask (and probabilities).
+
+    A DICOM series' DICOM-SEG / RTSTRUCT (``dicom_output_names``) are not among them: they are written when they
+    can be, and the case's record lists the files it actually left (``is_complete`` checks those too).
+    """
     names = [f"{case.id}{data_kind(case.data_kind).mask_suffix}"]
-    names += [f"{case.id}{SEG_SUFFIX}"] if case.series is not None else []
     return names + ([probabilities_name(case)] if probabilities else [])
 
 
@@ -64,7 +86,8 @@ def is_complete(out_dir: Path, case_id: str, outputs: list[str] | None = None) -
         return False
     if not isinstance(doc, dict):  # valid JSON but not a record
         return False
-    names = outputs or doc.get("outputs") or [f"{case_id}{MASK_SUFFIX}"]
+    listed = doc["outputs"] if isinstance(doc.get("outputs"), list) else []
+    names = list(dict.fromkeys([*(outputs or []), *listed])) or [f"{case_id}{MASK_SUFFIX}"]
     return doc.get("status") == "ok" and all(
         (out_dir / n).is_file() and (out_dir / n).stat().st_size > 0 for n in names
     )
@@ -74,7 +97,8 @@ def remove_stale_temps(out_dir: Path, cases: list[InputCase]) -> int:
     """Delete atomic-write temp files left by a killed run for these cases (another shard's cases are untouched)."""
     n = 0
     for case in cases:
-        for name in [*outputs_of(case, probabilities=True), f"{case.id}{RECORD_SUFFIX}"]:
+        dicom = dicom_output_names(case.id, "both") if case.series is not None else []
+        for name in [*outputs_of(case, probabilities=True), *dicom, f"{case.id}{RECORD_SUFFIX}"]:
             for tmp in out_dir.glob(f".{glob.escape(name)}.*.tmp*"):
                 tmp.unlink(missing_ok=True)
                 n += 1
@@ -141,3 +165,13 @@ def write_summary(out_dir: Path, label_map: dict[str, int], kind: str = "volume"
             row.update({f"{o}_{col}": v.get(key, "") for col, key in dk.amount_columns.items()})
         w.writerow(row)
     return write_text_atomic(Path(out_dir) / SUMMARY, buf.getvalue())
+
+
+def write_skipped_objects(out_dir: Path, objects: Sequence[NonImageObject]) -> Path:
+    """``skipped_objects.csv``: the input's DICOM objects that are not image series (file, what, modality)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["file", "what", "modality"])
+    for o in sorted(objects, key=lambda o: o.name):
+        w.writerow([o.name, o.what, o.modality])
+    return write_text_atomic(Path(out_dir) / SKIPPED_OBJECTS, buf.getvalue())

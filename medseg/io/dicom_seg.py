@@ -2,10 +2,20 @@
 
 A label array here is in the source series' voxel order: shape (n_slices, rows, columns) with slices
 sorted as in ``SeriesInfo.files`` (the order of ``sitk.GetArrayFromImage(read_series(info))``).
+
+What reaches a derived object from the source slices: the writers (this SEG, ``rtstruct_write``) are given
+``reference_headers``, minimal copies of the source headers, not the headers themselves. highdicom copies every
+attribute of the source's Patient, Clinical Trial Subject, General Study, Patient Study and Clinical Trial Study
+modules (PatientAge/Weight/Size, OtherPatientIDsSequence, StudyDescription, PhysiciansOfRecord, ... whatever the
+source holds) and, as Contributing Equipment, the scanner's Manufacturer, model, serial number, InstitutionName,
+InstitutionAddress, InstitutionalDepartmentName, StationName and acquisition date-time. With minimal copies only
+the patient and study attributes the IODs require (``REQUIRED_PATIENT_STUDY``) are copied, plus the UIDs and
+geometry that reference and place the planes (``_REFERENCE_KEYWORDS``).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,22 +27,52 @@ from pydicom.sr.coding import Code
 
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
+from medseg.io.dicom_headers import effective_sop_class
 from medseg.io.dicom_series import SeriesInfo
 
 DEFAULT_CATEGORY = codes.SCT.Tissue  # SCT 85756007, CID 7150 "Segmentation Property Categories"
 DEFAULT_TYPE = codes.SCT.Tissue
-# Type 2 Patient/Study attributes highdicom copies from the source images into the SEG.
-_TYPE2_COPIED = (
+# Patient module and General Study module attributes of type 1/2: the only patient/study data a derived object
+# (SEG, RTSTRUCT) gets from its source. Type 2 ones absent from the source are written empty ("unknown").
+REQUIRED_PATIENT_STUDY = (
     "PatientName",
     "PatientID",
     "PatientBirthDate",
     "PatientSex",
-    "StudyID",
-    "AccessionNumber",
+    "StudyInstanceUID",
     "StudyDate",
     "StudyTime",
     "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
 )
+# What the writers read to reference and place the source planes (no patient data).
+_REFERENCE_KEYWORDS = (
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "FrameOfReferenceUID",
+    "PositionReferenceIndicator",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "LossyImageCompression",
+    "LossyImageCompressionRatio",
+    "LossyImageCompressionMethod",
+)
+_TYPE1 = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
 
 
 def write_dicom_seg(
@@ -46,18 +86,20 @@ def write_dicom_seg(
     series_description: str = "medseg segmentation",
     series_number: int = 100,
     segment_codes: Mapping[str, tuple[Code, Code]] | None = None,
+    manufacturer: str = "medseg",
 ) -> Path:
     """Write ``label_array`` as a BINARY DICOM-SEG referencing ``source_files``, atomically.
 
     ``label_map`` maps segment names to label values (background 0 is not a segment). Segments are
     numbered 1..K in order of label value; each is AUTOMATIC, made by ``algorithm_name``
     ``algorithm_version``, with category/type ``segment_codes[name]`` (default SCT "Tissue"/"Tissue").
-    Labels absent from the array still get a (empty) segment.
+    Labels absent from the array still get a (empty) segment. The SEG's Manufacturer is ``manufacturer``, its
+    model name ``algorithm_name``; from the source only ``REQUIRED_PATIENT_STUDY`` patient/study data is copied.
     """
     out_path = Path(out_path)
-    labels = _check_label_map(label_map)
-    sources = _read_sources(source_files)
-    _check_labels_fit(label_array, sources, label_map)
+    labels = check_label_map(label_map)
+    sources = reference_headers(source_files)
+    check_labels_fit(label_array, sources, label_map)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name, version=algorithm_version, family=codes.cid7162.ArtificialIntelligence
     )
@@ -85,7 +127,7 @@ def write_dicom_seg(
         series_number=series_number,
         sop_instance_uid=hd.UID(),
         instance_number=1,
-        manufacturer="medseg",
+        manufacturer=manufacturer,
         manufacturer_model_name=algorithm_name,
         software_versions=algorithm_version,
         device_serial_number="0",
@@ -97,17 +139,37 @@ def write_dicom_seg(
     return out_path
 
 
-def _read_sources(source_files: Sequence[Path]) -> list[pydicom.Dataset]:
-    """Headers of the source slices, with the type-2 attributes highdicom copies present (empty if absent)."""
-    sources: list[pydicom.Dataset] = [pydicom.dcmread(Path(f), stop_before_pixels=True) for f in source_files]
-    for ds in sources:  # derived series (e.g. crops) may lack these; highdicom copies them and needs them present
-        for keyword in _TYPE2_COPIED:
-            if keyword not in ds:
-                setattr(ds, keyword, "")  # type 2: empty is valid ("unknown"); only the in-memory copy changes
-    return sources
+def reference_headers(source_files: Sequence[Path]) -> list[pydicom.Dataset]:
+    """Minimal copies of the source slices' headers for a derived object's writer (highdicom, rt-utils).
+
+    Each holds only ``REQUIRED_PATIENT_STUDY`` (type 2 ones empty when the source lacks them: derived series
+    such as crops often do) and ``_REFERENCE_KEYWORDS``, so whatever a library copies from it, no other patient,
+    study, institution or device data can reach the output. ``InputError`` for an unreadable file or one
+    without the UIDs a reference needs.
+    """
+    out: list[pydicom.Dataset] = []
+    for f in source_files:
+        path = Path(f)
+        try:
+            full = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as e:
+            raise InputError(path, f"unreadable DICOM header ({type(e).__name__})") from e
+        full.SOPClassUID = effective_sop_class(full)[0]  # blanked by an anonymiser: the file meta's, or Modality's
+        missing = [k for k in _TYPE1 if not full.get(k)]
+        if missing:
+            raise InputError(path, f"missing {', '.join(missing)}; a derived object cannot reference it")
+        ds = pydicom.Dataset()
+        ds.file_meta = copy.deepcopy(full.file_meta)
+        for keyword in (*_REFERENCE_KEYWORDS, *REQUIRED_PATIENT_STUDY):
+            if keyword in full:
+                ds.add(copy.deepcopy(full[keyword]))
+            elif keyword in REQUIRED_PATIENT_STUDY:
+                setattr(ds, keyword, "")  # type 2: empty is valid ("unknown")
+        out.append(ds)
+    return out
 
 
-def _check_labels_fit(label_array: np.ndarray, sources: list[pydicom.Dataset], label_map: dict[str, int]) -> None:
+def check_labels_fit(label_array: np.ndarray, sources: list[pydicom.Dataset], label_map: Mapping[str, int]) -> None:
     """``ValueError`` unless the array is integer, (slices, rows, cols) of the series, with known values."""
     expected = (len(sources), int(sources[0].Rows), int(sources[0].Columns)) if sources else None
     if label_array.shape != expected:
@@ -154,7 +216,8 @@ def read_dicom_seg(path: Path, source_info: SeriesInfo, label_map: Mapping[str, 
     return lut[numbers]
 
 
-def _check_label_map(label_map: Mapping[str, int]) -> dict[str, int]:
+def check_label_map(label_map: Mapping[str, int]) -> dict[str, int]:
+    """The label map as ``{name: value}``; ``ValueError`` unless its values are distinct positive integers."""
     if not label_map:
         raise ValueError("label map is empty: need at least one segment")
     values = list(label_map.values())

@@ -1,4 +1,4 @@
-"""DICOM series: discover them in a folder tree, validate them, read them into SimpleITK, convert to NIfTI.
+"""DICOM series: discover them in a folder tree, read them into SimpleITK (validated by ``dicom_checks``).
 
 Rules kept here:
 
@@ -6,227 +6,171 @@ Rules kept here:
   ImageOrientationPatient, dotted with ImagePositionPatient), never by file name or InstanceNumber.
 - The z spacing is the step between slice positions, not SliceThickness (gapped 2D acquisitions have
   5 mm slices every 6.5 mm). Oblique orientations are kept in the image direction.
+- Objects that are not image slices (RTSTRUCT, SEG, SR, KO, PR, RT plan/dose, DICOMDIR) are listed apart
+  (``DicomScan.others``), never grouped into a series. Files without a SeriesInstanceUID (anonymised exports) are
+  grouped by folder + StudyInstanceUID + FrameOfReferenceUID + orientation + matrix size, with a warning.
 - No patient identifier (name, id, birth date, accession number) goes into ids, errors or logs: a series
   is named by its folder, or by a hash of its SeriesInstanceUID.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections import defaultdict
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
 
 from medseg.errors import InputError
-from medseg.io.dicom_case_ids import case_ids, identifier_tokens
+from medseg.io.dicom_case_ids import case_ids, identifier_tokens, uid_hash
+from medseg.io.dicom_checks import placed, validate_series
+from medseg.io.dicom_headers import (
+    SeriesInfo,
+    SliceHeader,
+    effective_sop_class,
+    non_image_reason,
+    normal,
+    slice_header,
+    text,
+)
+from medseg.io.dicom_pixels import read_slice_pixels
 
 log = logging.getLogger(__name__)
 
-ORIENTATION_TOLERANCE = 1e-4  # max |difference| of IOP components; some scanners differ by 1e-7
-PIXEL_SPACING_TOLERANCE_MM = 1e-4
-STEP_TOLERANCE_MM = 0.01  # also at least 0.1 % of the median step
-MISSING_SLICE_FACTOR = 1.5  # a step longer than this x the median step means missing slices
-# SOP classes that are not image slices (or are derived from them): RT structures/plans, SR, KOS,
-# presentation states, SEG/registration/raw data, waveforms, encapsulated documents.
-_NON_IMAGE_SOP_PREFIXES = (
-    "1.2.840.10008.5.1.4.1.1.66",  # raw data, spatial registration, fiducials, SEG, surface SEG
-    "1.2.840.10008.5.1.4.1.1.67",  # real world value mapping
-    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports, key object selection
-    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
-    "1.2.840.10008.5.1.4.1.1.9.",  # waveforms
-    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated PDF/CDA/STL
-    "1.2.840.10008.5.1.4.1.1.481.2",  # RT dose
-    "1.2.840.10008.5.1.4.1.1.481.3",  # RT structure set
-    "1.2.840.10008.5.1.4.1.1.481.4",  # RT beams treatment record
-    "1.2.840.10008.5.1.4.1.1.481.5",  # RT plan
+UID_LESS_NOTE = (
+    "the files carry no SeriesInstanceUID: grouped into a series by folder, StudyInstanceUID, "
+    "FrameOfReferenceUID, orientation and matrix size"
 )
+__all__ = ["DicomScan", "NonImageObject", "SeriesInfo", "SliceHeader", "discover_series", "read_series"]
+__all__ += ["scan_dicom_folder", "validate_series"]
 
 
 @dataclass(frozen=True)
-class SliceHeader:
-    """What validation and reading need from one file's header (no patient data)."""
+class NonImageObject:
+    """A DICOM file that is not an image slice (RTSTRUCT, SEG, SR, DICOMDIR, ...): prediction skips and lists it."""
 
     path: Path
-    sop_instance_uid: str
-    sop_class_uid: str
-    position: tuple[float, ...] | None  # ImagePositionPatient (3)
-    orientation: tuple[float, ...] | None  # ImageOrientationPatient (6)
-    rows: int | None
-    columns: int | None
-    pixel_spacing: tuple[float, ...] | None  # (row spacing, column spacing) in mm
-    n_frames: int
-    samples_per_pixel: int
-    rescale: tuple[float, float]  # (slope, intercept)
-
-
-@dataclass(frozen=True)
-class SeriesInfo:
-    """One DICOM series: its files sorted along the slice normal, and a file-name-safe ``case_id``."""
-
-    uid: str
-    files: tuple[Path, ...]
-    case_id: str
+    what: str  # e.g. "RT Structure Set Storage", "DICOMDIR (media directory)"
     modality: str
-    n_slices: int
-    slices: tuple[SliceHeader, ...] = field(repr=False)
-
-    @property
-    def folder(self) -> Path:
-        """The folder holding the files (their deepest common folder)."""
-        parents = {f.parent for f in self.files}
-        if len(parents) == 1:
-            return parents.pop()
-        return Path(*_common_parts([p.parts for p in parents]))
-
-    @property
-    def sop_instance_uids(self) -> list[str]:
-        """SOPInstanceUIDs in slice order."""
-        return [s.sop_instance_uid for s in self.slices]
+    series_uid: str
+    name: str  # for listings: the path below the scanned folder, or a hash where the path names the patient
 
 
 @dataclass(frozen=True)
 class DicomScan:
-    """Result of a folder scan: the series found and the files skipped (not DICOM, or no series UID)."""
+    """Result of a folder scan: the image series, the non-image DICOM objects, and the files that are not DICOM."""
 
     series: list[SeriesInfo]
     skipped: tuple[Path, ...]
+    others: tuple[NonImageObject, ...] = ()
+
+
+@dataclass
+class _Group:
+    headers: list[SliceHeader]
+    modality: str
+    tokens: set[str]
+    notes: dict[str, None]  # ordered set
+    uid_missing: bool
 
 
 def scan_dicom_folder(root: Path) -> DicomScan:
-    """Read every file's header under ``root`` (recursively) and group DICOM files by series."""
+    """Read every file's header under ``root`` (recursively) and group the image slices by series."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(root, "folder not found" if not root.exists() else "not a folder")
-    by_uid: dict[str, list[SliceHeader]] = defaultdict(list)
-    meta: dict[str, tuple[str, set[str]]] = {}  # uid -> (modality, identifier tokens)
+    groups: dict[str, _Group] = {}
     skipped: list[Path] = []
+    others: list[NonImageObject] = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            with warnings.catch_warnings():  # value warnings come again, into the case record, when it is read
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
         except InvalidDicomError:
             skipped.append(path)
             continue
         except Exception as e:  # truncated or corrupt DICOM: fail loudly, a dropped slice would mislead
             raise InputError(path, f"unreadable DICOM header ({type(e).__name__})") from e
-        uid = str(ds.get("SeriesInstanceUID", "") or "")
-        if not uid:  # DICOMDIR and other non-series objects
-            skipped.append(path)
+        sop_class, note = effective_sop_class(ds)
+        series_uid = text(ds, "SeriesInstanceUID")
+        reason = non_image_reason(ds, sop_class)
+        if reason is not None:
+            others.append(NonImageObject(path, reason, text(ds, "Modality"), series_uid, _listed_name(root, path, ds)))
             continue
-        by_uid[uid].append(_slice_header(path, ds))
-        modality, tokens = meta.get(uid, (str(ds.get("Modality", "") or ""), set()))
-        meta[uid] = (modality, tokens | identifier_tokens(ds))
-    ids = case_ids({u: [h.path for h in hs] for u, hs in by_uid.items()}, {u: m[1] for u, m in meta.items()})
+        key = series_uid or _uid_less_key(path, ds)
+        group = groups.setdefault(key, _Group([], text(ds, "Modality"), set(), {}, not series_uid))
+        group.headers.append(slice_header(path, ds, sop_class))
+        group.tokens |= identifier_tokens(ds)
+        if note:
+            group.notes[note] = None
+    series = _series_of(groups)
+    n_uid_less = sum(g.uid_missing for g in groups.values())
+    if n_uid_less:
+        log.warning("%s: %d series without SeriesInstanceUID; %s", root, n_uid_less, UID_LESS_NOTE.split(": ")[1])
+    log.info(
+        "%s: %d DICOM series, %d non-image objects and %d other files skipped",
+        root,
+        len(series),
+        len(others),
+        len(skipped),
+    )
+    return DicomScan(series=series, skipped=tuple(skipped), others=tuple(others))
+
+
+def _listed_name(root: Path, path: Path, ds: pydicom.Dataset) -> str:
+    """``path`` below ``root``, or ``object-<hash>`` where it contains a patient identifier fragment."""
+    rel = path.relative_to(root).as_posix()
+    if any(tok in rel.lower() for tok in identifier_tokens(ds)):
+        return f"object-{uid_hash(text(ds, 'SOPInstanceUID') or rel)}"
+    return rel
+
+
+def _uid_less_key(path: Path, ds: pydicom.Dataset) -> str:
+    """A stand-in series UID for a file without SeriesInstanceUID (a hash: the folder may name the patient)."""
+    iop = tuple(round(float(x), 4) for x in (ds.get("ImageOrientationPatient") or ()))
+    study, frame = text(ds, "StudyInstanceUID"), text(ds, "FrameOfReferenceUID")
+    key = (str(path.parent), study, frame, iop, text(ds, "Rows"), text(ds, "Columns"), text(ds, "Modality"))
+    return "uidless-" + hashlib.sha1(repr(key).encode()).hexdigest()[:20]
+
+
+def _series_of(groups: dict[str, _Group]) -> list[SeriesInfo]:
+    ids = case_ids(
+        {u: [h.path for h in g.headers] for u, g in groups.items()}, {u: g.tokens for u, g in groups.items()}
+    )
     series = []
-    for uid, headers in by_uid.items():
-        ordered = _sort_slices(headers)
+    for uid, g in groups.items():
+        ordered = _sort_slices(g.headers)
+        notes = ([UID_LESS_NOTE] if g.uid_missing else []) + list(g.notes)
         series.append(
             SeriesInfo(
                 uid=uid,
                 files=tuple(h.path for h in ordered),
                 case_id=ids[uid],
-                modality=meta[uid][0],
+                modality=g.modality,
                 n_slices=len(ordered),
                 slices=tuple(ordered),
+                uid_missing=g.uid_missing,
+                warnings=tuple(notes),
             )
         )
-    series.sort(key=lambda s: str(s.files[0]))
-    log.info("%s: %d DICOM series, %d other files skipped", root, len(series), len(skipped))
-    return DicomScan(series=series, skipped=tuple(skipped))
+    return sorted(series, key=lambda s: str(s.files[0]))
 
 
 def discover_series(root: Path) -> list[SeriesInfo]:
-    """All DICOM series under ``root``, slices sorted along the normal; non-DICOM files are skipped."""
+    """All DICOM image series under ``root``, slices sorted along the normal; other files are skipped."""
     return scan_dicom_folder(root).series
-
-
-def validate_series(info: SeriesInfo) -> None:
-    """Raise ``InputError`` (naming the file or folder) unless ``info`` is a regular stack of slices."""
-    for s in info.slices:
-        problem = _slice_problem(s)
-        if problem:
-            raise InputError(s.path, problem)
-    if info.n_slices < 2:
-        raise InputError(info.folder, f"fewer than 2 slices (found {info.n_slices}); a volume needs at least 2")
-    _check_same_frame(info)
-    _check_steps(info)
-
-
-def _check_same_frame(info: SeriesInfo) -> None:
-    """Every slice has the first slice's rows/columns, pixel spacing and orientation (within tolerance)."""
-    first = info.slices[0]
-    _, first_orientation, first_spacing = _placed(first)
-    for s in info.slices[1:]:
-        _, orientation, spacing = _placed(s)
-        if (s.rows, s.columns) != (first.rows, first.columns):
-            raise InputError(
-                s.path,
-                f"mixed rows/columns in series: {s.rows}x{s.columns} here, "
-                f"{first.rows}x{first.columns} in {first.path.name}",
-            )
-        if np.max(np.abs(np.subtract(spacing, first_spacing))) > PIXEL_SPACING_TOLERANCE_MM:
-            raise InputError(
-                s.path,
-                f"mixed pixel spacing in series: {list(spacing)} here, {list(first_spacing)} in {first.path.name}",
-            )
-        dev = float(np.max(np.abs(np.subtract(orientation, first_orientation))))
-        if dev > ORIENTATION_TOLERANCE:
-            raise InputError(
-                s.path,
-                f"mixed orientations in series: ImageOrientationPatient differs from "
-                f"{first.path.name} by up to {dev:.3g} (tolerance {ORIENTATION_TOLERANCE:g})",
-            )
-
-
-def _check_steps(info: SeriesInfo) -> None:
-    """Slice positions along the normal: no duplicates, no gaps, even spacing, no in-plane shear."""
-    normal = _normal(_placed(info.slices[0])[1])
-    pos = np.array([_placed(s)[0] for s in info.slices])
-    steps = np.diff(pos @ normal)
-    names = [s.path.name for s in info.slices]
-    tol = max(STEP_TOLERANCE_MM, 1e-3 * float(np.median(steps)))
-    if np.any(steps <= tol):
-        i = int(np.argmin(steps))
-        raise InputError(
-            info.folder,
-            f"duplicate slice positions: {names[i]} and {names[i + 1]} lie at the "
-            "same position along the slice normal (several echoes, phases or "
-            "time points in one series?)",
-        )
-    median = float(np.median(steps))
-    if np.any(steps > MISSING_SLICE_FACTOR * median):
-        i = int(np.argmax(steps))
-        raise InputError(
-            info.folder,
-            f"missing slice(s): a gap of {steps[i]:.4g} mm between {names[i]} and "
-            f"{names[i + 1]} is {steps[i] / median:.2g}x the median step "
-            f"{median:.4g} mm",
-        )
-    if np.any(np.abs(steps - median) > tol):
-        i = int(np.argmax(np.abs(steps - median)))
-        raise InputError(
-            info.folder,
-            f"inconsistent slice spacing: step {steps[i]:.4g} mm between {names[i]} and "
-            f"{names[i + 1]}, median {median:.4g} mm (tolerance {tol:.2g} mm)",
-        )
-    lateral = np.linalg.norm(np.diff(pos, axis=0) - np.outer(steps, normal), axis=1)
-    if np.any(lateral > tol):
-        raise InputError(
-            info.folder,
-            f"sheared stack: slice positions shift up to {lateral.max():.3g} mm within "
-            "the slice plane (gantry tilt?); resample it before use",
-        )
 
 
 def read_series(info: SeriesInfo) -> sitk.Image:
     """Validate, then read the series as a 3D image (rescale applied) with the scanner's geometry.
 
-    Pixels are decoded by pydicom (its pylibjpeg/pyjpegls plugins handle JPEG, JPEG-LS, JPEG 2000, RLE);
+    Pixels are decoded by ``dicom_pixels.read_slice_pixels`` (pydicom's plugins; GDCM for the retired JPEG syntaxes);
     origin = first slice's ImagePositionPatient, spacing = (column spacing, row spacing, IPP step),
     direction columns = (row cosines, column cosines, slice normal) — oblique stacks stay oblique.
     """
@@ -237,73 +181,14 @@ def read_series(info: SeriesInfo) -> sitk.Image:
     volume = _rescale(planes, slopes, intercepts)
     image = sitk.GetImageFromArray(volume)
     first = info.slices[0]
-    first_position, first_orientation, first_spacing = _placed(first)
-    normal = _normal(first_orientation)
-    d = np.array([_placed(s)[0] for s in info.slices]) @ normal
+    first_position, first_orientation, first_spacing = placed(first)
+    n = normal(first_orientation)
+    d = np.array([placed(s)[0] for s in info.slices]) @ n
     row, col = np.array(first_orientation[:3]), np.array(first_orientation[3:])
     image.SetOrigin(tuple(float(x) for x in first_position))
     image.SetSpacing((first_spacing[1], first_spacing[0], float(d[-1] - d[0]) / (len(d) - 1)))
-    image.SetDirection(tuple(float(x) for x in np.column_stack([row, col, normal]).ravel()))
+    image.SetDirection(tuple(float(x) for x in np.column_stack([row, col, n]).ravel()))
     return image
-
-
-# --- helpers -----------------------------------------------------------------------------------------
-
-
-def _floats(ds: pydicom.Dataset, keyword: str, n: int) -> tuple[float, ...] | None:
-    try:
-        value = ds.get(keyword)
-        out = tuple(float(x) for x in value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
-    return out if out is not None and len(out) == n and all(np.isfinite(out)) else None
-
-
-def _float(ds: pydicom.Dataset, keyword: str, default: float) -> float:
-    try:
-        value = ds.get(keyword)
-        return float(value) if value not in (None, "") else default
-    except (TypeError, ValueError):
-        return default
-
-
-def _int(ds: pydicom.Dataset, keyword: str, default: int | None) -> int | None:
-    try:
-        value = ds.get(keyword)
-        return int(value) if value not in (None, "") else default
-    except (TypeError, ValueError):
-        return default
-
-
-def _slice_header(path: Path, ds: pydicom.Dataset) -> SliceHeader:
-    return SliceHeader(
-        path=path,
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
-        sop_class_uid=str(ds.get("SOPClassUID", "") or ""),
-        position=_floats(ds, "ImagePositionPatient", 3),
-        orientation=_floats(ds, "ImageOrientationPatient", 6),
-        rows=_int(ds, "Rows", None),
-        columns=_int(ds, "Columns", None),
-        pixel_spacing=_floats(ds, "PixelSpacing", 2),
-        n_frames=_int(ds, "NumberOfFrames", 1) or 1,
-        samples_per_pixel=_int(ds, "SamplesPerPixel", 1) or 1,
-        rescale=(_float(ds, "RescaleSlope", 1.0), _float(ds, "RescaleIntercept", 0.0)),
-    )
-
-
-def _placed(s: SliceHeader) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
-    """(position, orientation, pixel spacing) of a slice that ``_slice_problem`` has accepted."""
-    if s.position is None or s.orientation is None or s.pixel_spacing is None:
-        raise InputError(
-            s.path,
-            "missing ImagePositionPatient, ImageOrientationPatient or PixelSpacing; cannot place the slice in space",
-        )
-    return s.position, s.orientation, s.pixel_spacing
-
-
-def _normal(orientation: tuple[float, ...]) -> np.ndarray:
-    n = np.cross(orientation[:3], orientation[3:])
-    return n / np.linalg.norm(n)
 
 
 def _sort_slices(headers: list[SliceHeader]) -> list[SliceHeader]:
@@ -312,58 +197,13 @@ def _sort_slices(headers: list[SliceHeader]) -> list[SliceHeader]:
     positions = [h.position for h in headers if h.position is not None]
     if ref is None or len(positions) < len(headers) or np.linalg.norm(np.cross(ref[:3], ref[3:])) < 0.5:
         return sorted(headers, key=lambda h: str(h.path))
-    normal = _normal(ref)
-    placed = sorted(zip(headers, positions), key=lambda hp: (float(np.dot(normal, hp[1])), str(hp[0].path)))
-    return [h for h, _ in placed]
-
-
-def _slice_problem(s: SliceHeader) -> str | None:
-    if s.sop_class_uid.startswith(_NON_IMAGE_SOP_PREFIXES):
-        return f"non-image object ({UID(s.sop_class_uid).name}); a series must hold image slices only"
-    if s.n_frames > 1:
-        return f"multi-frame object (NumberOfFrames={s.n_frames}); only single-frame slices are supported"
-    if s.rows is None or s.columns is None:
-        return "non-image object (no Rows/Columns, so no pixel data)"
-    if s.samples_per_pixel != 1:
-        return f"colour image (SamplesPerPixel={s.samples_per_pixel}); only greyscale series are supported"
-    missing = [
-        k
-        for k, v in (
-            ("ImagePositionPatient", s.position),
-            ("ImageOrientationPatient", s.orientation),
-            ("PixelSpacing", s.pixel_spacing),
-        )
-        if v is None
-    ]
-    if missing or s.orientation is None or s.pixel_spacing is None:
-        return f"missing or malformed {', '.join(missing)}; cannot place the slice in space"
-    row, col = np.array(s.orientation[:3]), np.array(s.orientation[3:])
-    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
-        return "ImageOrientationPatient is not two orthogonal unit vectors"
-    if min(s.pixel_spacing) <= 0:
-        return f"non-positive PixelSpacing {list(s.pixel_spacing)}"
-    return None
+    n = normal(ref)
+    ordered = sorted(zip(headers, positions), key=lambda hp: (float(np.dot(n, hp[1])), str(hp[0].path)))
+    return [h for h, _ in ordered]
 
 
 def _read_pixels(s: SliceHeader) -> np.ndarray:
-    try:
-        ds = pydicom.dcmread(s.path)
-    except Exception as e:
-        raise InputError(s.path, f"unreadable DICOM file ({type(e).__name__})") from e
-    if "PixelData" not in ds:
-        raise InputError(s.path, "non-image object (no PixelData)")
-    try:
-        pixels = ds.pixel_array
-    except Exception as e:
-        syntax = ds.file_meta.get("TransferSyntaxUID", "unknown transfer syntax")
-        raise InputError(
-            s.path,
-            f"cannot decode pixel data ({UID(str(syntax)).name}): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-        ) from e
-    if pixels.shape != (s.rows, s.columns):
-        raise InputError(s.path, f"pixel data shape {pixels.shape} != Rows x Columns ({s.rows}, {s.columns})")
-    return pixels
+    return read_slice_pixels(s.path, s.rows, s.columns)
 
 
 def _rescale(planes: list[np.ndarray], slopes: np.ndarray, intercepts: np.ndarray) -> np.ndarray:
@@ -377,12 +217,3 @@ def _rescale(planes: list[np.ndarray], slopes: np.ndarray, intercepts: np.ndarra
             if volume.min() >= info.min and volume.max() <= info.max:
                 return np.rint(volume).astype(dtype)
     return volume.astype(np.float32)
-
-
-def _common_parts(parts: list[tuple[str, ...]]) -> tuple[str, ...]:
-    out = []
-    for level in zip(*parts):
-        if len(set(level)) != 1:
-            break
-        out.append(level[0])
-    return tuple(out)

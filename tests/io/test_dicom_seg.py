@@ -10,7 +10,7 @@ import pytest
 
 from medseg.errors import InputError
 from medseg.io.dicom_seg import read_dicom_seg, write_dicom_seg
-from medseg.io.dicom_series import SeriesInfo, discover_series, validate_series
+from medseg.io.dicom_series import SeriesInfo, discover_series, scan_dicom_folder
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "dicom_mr_series"
 T1POST = DATA / "Study3" / "11-T1post-18670"
@@ -89,11 +89,11 @@ def test_empty_labels_give_a_valid_seg(t1post: SeriesInfo, tmp_path: Path) -> No
 
 
 def test_seg_is_not_mistaken_for_an_image_series(t1post: SeriesInfo, labels: np.ndarray, tmp_path: Path) -> None:
-    _write(labels, t1post, tmp_path / "seg.dcm")
-    (seg_series,) = discover_series(tmp_path)
-    assert seg_series.modality == "SEG"
-    with pytest.raises(InputError, match="non-image object"):
-        validate_series(seg_series)
+    path = _write(labels, t1post, tmp_path / "seg.dcm")
+    scan = scan_dicom_folder(tmp_path)
+    assert scan.series == [] and [(o.path, o.what, o.modality) for o in scan.others] == [
+        (path, "Segmentation Storage", "SEG")
+    ]
 
 
 def test_bad_inputs(t1post: SeriesInfo, labels: np.ndarray, tmp_path: Path) -> None:

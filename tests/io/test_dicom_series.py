@@ -266,14 +266,20 @@ def test_multi_frame_object(tmp_path: Path) -> None:
     assert message.startswith(str(files[1])) and "multi-frame" in message
 
 
-def test_non_image_object_in_series(tmp_path: Path) -> None:
-    files = write_series(tmp_path / "s", n=3)
+def test_non_image_object_in_series_is_listed_apart(tmp_path: Path) -> None:
+    """An SR sharing the series' SeriesInstanceUID is not a slice: listed in ``others``, the slices stay a series."""
+    files = write_series(tmp_path / "s", n=4)
     ds = pydicom.dcmread(files[0])
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    ds.Modality = "SR"
     for keyword in ("PixelData", "Rows", "Columns", "ImagePositionPatient"):
         delattr(ds, keyword)
     ds.save_as(files[0])
-    assert "non-image object (Basic Text SR" in _error(_only_series(tmp_path / "s"))
+    scan = scan_dicom_folder(tmp_path / "s")
+    assert [o.path for o in scan.others] == [files[0]] and scan.others[0].what == "Basic Text SR Storage"
+    (info,) = scan.series
+    assert info.files == tuple(files[1:])
+    validate_series(info)
 
 
 def test_mixed_rows_and_pixel_spacing(tmp_path: Path) -> None:
