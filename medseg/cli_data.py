@@ -50,6 +50,59 @@ def data_import_msd(
     typer.echo(f"wrote {m.path}: {len(m.cases)} cases {counts}, labels {m.labels}")
 
 
+@data_app.command("import-dicom")
+def data_import_dicom(
+    dicom_dir: Annotated[Path, typer.Argument(help="folder of DICOM image series and their RTSTRUCT / SEG objects")],
+    labels: Annotated[str, typer.Option("--labels", help="label objects to read: rtstruct or seg")],
+    output: Annotated[
+        Optional[Path],
+        typer.Option(help="manifest path (required); NIfTI cache, case map and import report go beside it"),
+    ] = None,
+    roi_map: Annotated[
+        Optional[Path],
+        typer.Option(help="YAML: label name -> ROI / segment name globs, and priority (default: one label per name)"),
+    ] = None,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="share of validation cases")] = 0.2,
+    test_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="share of test cases")] = 0.0,
+    seed: Annotated[int, typer.Option(help="random seed of the split")] = 0,
+    case_ids: Annotated[
+        str, typer.Option(help="hash (of the SeriesInstanceUID) or folder (top-level folder under DICOM_DIR)")
+    ] = "hash",
+    out_old: OldOut = None,
+) -> None:
+    """Make a manifest from DICOM series labelled by RTSTRUCT or DICOM-SEG (NIfTI cached beside it). Exit 3 if
+    some cases failed."""
+    from medseg.io.dicom_import import CASE_ID_MODES, LABEL_KINDS, CaseResult, ImportOptions, import_dicom
+
+    output = renamed(output, out_old, "--out", "--output")
+    if output is None:
+        raise typer.BadParameter("give the manifest path", param_hint="--output")
+    if labels not in LABEL_KINDS:
+        raise typer.BadParameter(f"{labels!r}: choose {' or '.join(LABEL_KINDS)}", param_hint="--labels")
+    if case_ids not in CASE_ID_MODES:
+        raise typer.BadParameter(f"{case_ids!r}: choose {' or '.join(CASE_ID_MODES)}", param_hint="--case-ids")
+    options = ImportOptions(labels, roi_map, val_fraction, test_fraction, seed, case_ids)
+
+    def show(case: CaseResult) -> None:
+        typer.echo(case.line(), err=case.status == "failed")
+
+    result = import_dicom(dicom_dir, output, options, on_case=show)
+    for line in result.unreadable:
+        typer.echo(f"FAILED folder (not scanned) {line}", err=True)
+    for line in result.unlinked:
+        typer.echo(f"unlinked label object {line}")
+    if result.without_labels:
+        typer.echo(f"{len(result.without_labels)} image series without labels (listed in the report)")
+    m = result.manifest
+    counts = {s: len(m.split(s)) for s in ("train", "val", "test")}
+    typer.echo(
+        f"wrote {m.path}: {len(m.cases)} cases {counts}, labels {m.labels}; {len(result.failed)} failed, "
+        f"{len(result.unreadable)} folder(s) unreadable; report {result.report_path}"
+    )
+    if not result.ok:
+        raise typer.Exit(3)
+
+
 @data_app.command("import-images")
 def data_import_images(
     src: Annotated[Path, typer.Argument(help="dataset folder (COCO: also an instances_*.json file)")],

@@ -25,6 +25,7 @@ SMALL: dict[str, list[str]] = {
     "unet2d_slicewise": ["data.patch_size=[32, 32]", "model.params.channels=[4, 8, 16, 32]", "data.batch_size=4",
                          "data.samples_per_volume=2", "inference.sw_batch_size=8"],
     "dynunet": ["data.patch_size=[32, 32, 16]", "model.params.filters=[4, 8, 16, 16, 16]"],
+    "sarcoma_ct_unet3d": ["data.patch_size=[32, 32, 16]", "model.params.channels=[4, 8, 16, 32]"],
     "deeplabv3plus3d": ["data.patch_size=[32, 32, 16]", "model.params.encoder_channels=[4, 8, 8, 16]",
                         "model.params.aspp_channels=8", "model.params.decoder_channels=8", "model.params.low_level_channels=4"],
 }
