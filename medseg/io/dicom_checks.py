@@ -21,6 +21,8 @@ MISSING_SLICE_FACTOR = 1.5  # a step longer than this x the median step means mi
 
 def validate_series(info: SeriesInfo) -> None:
     """Raise ``InputError`` (naming the file or folder) unless ``info`` is a regular stack of slices."""
+    for path, cause in info.unreadable:  # a truncated slice of this series would otherwise be a silent gap
+        raise InputError(path, f"{cause}; it lies in this series' folder, so the series may be incomplete")
     for s in info.slices:
         problem = slice_problem(s)
         if problem:

@@ -66,7 +66,8 @@ class SeriesInfo:
     """One DICOM series: its files sorted along the slice normal, and a file-name-safe ``case_id``.
 
     ``uid`` is the SeriesInstanceUID, or for files that carry none (``uid_missing``) a stable stand-in made from
-    the grouping key; ``warnings`` are notes about the series' headers for the case record (no patient data).
+    the grouping key; ``warnings`` are notes about the series' headers for the case record (no patient data);
+    ``unreadable`` files in its folder may be its own slices, so they fail the series (``validate_series``).
     """
 
     uid: str
@@ -77,6 +78,7 @@ class SeriesInfo:
     slices: tuple[SliceHeader, ...] = field(repr=False)
     uid_missing: bool = False
     warnings: tuple[str, ...] = ()
+    unreadable: tuple[tuple[Path, str], ...] = ()  # (file, cause): unreadable DICOM files in the series' folder
 
     @property
     def folder(self) -> Path:

@@ -90,24 +90,12 @@ class SeriesScan:
 
 
 def scan_image_series(root: Path) -> SeriesScan:
-    """``scan_dicom_folder`` over ``root``, keeping image series only. Where one file cannot be read (a truncated
-    RTSTRUCT stops the scan), each top-level folder is scanned on its own, so that only the folder holding the
-    file is lost (reported in ``broken``); the files lying directly in ``root`` are then not scanned."""
-    root = Path(root)
-    broken: list[InputError] = []
-    try:
-        scans = [scan_dicom_folder(root)]
-    except InputError as e:
-        if not root.is_dir() or Path(e.path).parent == root:
-            raise
-        scans = []
-        for top in sorted(p for p in root.iterdir() if p.is_dir()):
-            try:
-                scans.append(scan_dicom_folder(top))
-            except InputError as err:
-                broken.append(err)
-    series = [s for scan in scans for s in scan.series if s.modality.upper() not in NON_IMAGE_MODALITIES]
-    return SeriesScan(series, sum(len(scan.skipped) for scan in scans), broken)
+    """``scan_dicom_folder`` over ``root``, keeping image series only; files that cannot be read (a truncated
+    RTSTRUCT or slice) are reported in ``broken``, and a series whose folder holds one is left out."""
+    scan = scan_dicom_folder(Path(root))
+    broken = [InputError(path, cause) for path, cause in scan.unreadable]
+    series = [s for s in scan.series if s.modality.upper() not in NON_IMAGE_MODALITIES and not s.unreadable]
+    return SeriesScan(series, len(scan.skipped), broken)
 
 
 def index_folder(root: Path) -> FolderIndex:

@@ -68,6 +68,7 @@ class DicomScan:
     series: list[SeriesInfo]
     skipped: tuple[Path, ...]
     others: tuple[NonImageObject, ...] = ()
+    unreadable: tuple[tuple[Path, str], ...] = ()  # (file, cause), also in their series or in ``others``
 
 
 @dataclass
@@ -87,6 +88,7 @@ def scan_dicom_folder(root: Path) -> DicomScan:
     groups: dict[str, _Group] = {}
     skipped: list[Path] = []
     others: list[NonImageObject] = []
+    unreadable: list[tuple[Path, str]] = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         try:
             with warnings.catch_warnings():  # value warnings come again, into the case record, when it is read
@@ -95,13 +97,19 @@ def scan_dicom_folder(root: Path) -> DicomScan:
         except InvalidDicomError:
             skipped.append(path)
             continue
-        except Exception as e:  # truncated or corrupt DICOM: fail loudly, a dropped slice would mislead
-            raise InputError(path, f"unreadable DICOM header ({type(e).__name__})") from e
+        except Exception as e:  # truncated or corrupt: fails the series of its folder (a dropped slice would mislead)
+            unreadable.append((path, f"unreadable DICOM header ({type(e).__name__})"))
+            continue
         sop_class, note = effective_sop_class(ds)
         series_uid = text(ds, "SeriesInstanceUID")
         reason = non_image_reason(ds, sop_class)
         if reason is not None:
             others.append(NonImageObject(path, reason, text(ds, "Modality"), series_uid, _listed_name(root, path, ds)))
+            continue
+        if not series_uid and not all(text(ds, k) for k in ("SOPInstanceUID", "Rows", "Columns")):
+            unreadable.append(
+                (path, "incomplete DICOM header (no SeriesInstanceUID, SOPInstanceUID or matrix size: truncated?)")
+            )
             continue
         key = series_uid or _uid_less_key(path, ds)
         group = groups.setdefault(key, _Group([], text(ds, "Modality"), set(), {}, not series_uid))
@@ -109,7 +117,11 @@ def scan_dicom_folder(root: Path) -> DicomScan:
         group.tokens |= identifier_tokens(ds)
         if note:
             group.notes[note] = None
-    series = _series_of(groups)
+    series = _series_of(groups, unreadable)
+    claimed = {p for s in series for p, _ in s.unreadable}
+    for path, cause in unreadable:  # in no series' folder: listed with the objects that are not scans
+        if path not in claimed:
+            others.append(NonImageObject(path, cause, "", "", path.relative_to(root).as_posix()))
     n_uid_less = sum(g.uid_missing for g in groups.values())
     if n_uid_less:
         log.warning("%s: %d series without SeriesInstanceUID; %s", root, n_uid_less, UID_LESS_NOTE.split(": ")[1])
@@ -120,7 +132,7 @@ def scan_dicom_folder(root: Path) -> DicomScan:
         len(others),
         len(skipped),
     )
-    return DicomScan(series=series, skipped=tuple(skipped), others=tuple(others))
+    return DicomScan(series=series, skipped=tuple(skipped), others=tuple(others), unreadable=tuple(unreadable))
 
 
 def _listed_name(root: Path, path: Path, ds: pydicom.Dataset) -> str:
@@ -139,7 +151,7 @@ def _uid_less_key(path: Path, ds: pydicom.Dataset) -> str:
     return "uidless-" + hashlib.sha1(repr(key).encode()).hexdigest()[:20]
 
 
-def _series_of(groups: dict[str, _Group]) -> list[SeriesInfo]:
+def _series_of(groups: dict[str, _Group], unreadable: list[tuple[Path, str]]) -> list[SeriesInfo]:
     ids = case_ids(
         {u: [h.path for h in g.headers] for u, g in groups.items()}, {u: g.tokens for u, g in groups.items()}
     )
@@ -147,6 +159,7 @@ def _series_of(groups: dict[str, _Group]) -> list[SeriesInfo]:
     for uid, g in groups.items():
         ordered = _sort_slices(g.headers)
         notes = ([UID_LESS_NOTE] if g.uid_missing else []) + list(g.notes)
+        folders = {h.path.parent for h in g.headers}
         series.append(
             SeriesInfo(
                 uid=uid,
@@ -157,6 +170,7 @@ def _series_of(groups: dict[str, _Group]) -> list[SeriesInfo]:
                 slices=tuple(ordered),
                 uid_missing=g.uid_missing,
                 warnings=tuple(notes),
+                unreadable=tuple((p, c) for p, c in unreadable if p.parent in folders),
             )
         )
     return sorted(series, key=lambda s: str(s.files[0]))

@@ -162,3 +162,23 @@ def test_failed_dicom_output_leaves_an_ok_case_that_agrees_with_disk(package, tm
     assert record["outputs"] == [f"{case.id}.nii.gz"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([f"{case.id}.nii.gz", f"{case.id}.json",
                                                                              "summary.csv"])
+
+
+def test_unreadable_slice_fails_only_its_series(package, tmp_path: Path) -> None:
+    """A truncated file in one series' folder fails that series (naming the file), the other series is predicted,
+    and a truncated file in a folder of its own is listed with the skipped objects."""
+    export = tmp_path / "export"
+    for name, src in SERIES.items():
+        shutil.copytree(src, export / name)
+    broken = sorted((export / "hippo_a").iterdir())[5]
+    broken.write_bytes(broken.read_bytes()[:300])
+    (export / "stray").mkdir()
+    stray = export / "stray" / "x.dcm"
+    stray.write_bytes(broken.read_bytes())
+    found = discover(export)
+    assert [o.path for o in found.not_scans] == [stray]
+    report = run_batch(package, found.cases, tmp_path / "out", device="cpu", progress=False,
+                       predictor=Predictor(package, device="cpu", model=oracle_model()), not_scans=found.not_scans)
+    assert report.done == ["hippo_b"] and list(report.failed) == ["hippo_a"] and report.exit_code == 3
+    error = report.failed["hippo_a"]
+    assert error.startswith(f"{broken}: ") and "truncated" in error and "series may be incomplete" in error
