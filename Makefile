@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medseg-installed
 
-.PHONY: setup demo lint test test-slow test-gpu benchmarks clean
+.PHONY: setup setup-system demo lint test test-slow test-gpu benchmarks clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,35 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# System packages for the PACS tests (tests/pacs): Orthanc and its DICOMweb plugin from Debian. Installed only
+# when missing and we are root with apt-get; otherwise this says what is missing and those tests skip. A
+# temporary policy-rc.d (exit 101) keeps the package's post-install from starting a system Orthanc (which
+# would fail in a container without systemd); the tests start their own Orthanc on free local ports.
+ORTHANC_PACKAGES := orthanc orthanc-dicomweb
+ORTHANC_PLUGIN := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
+HAVE_ORTHANC = { command -v Orthanc || [ -x /usr/sbin/Orthanc ]; } >/dev/null 2>&1 && [ -e $(ORTHANC_PLUGIN) ]
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(ORTHANC_PACKAGES)
+
+setup-system:
+	@if $(HAVE_ORTHANC); then \
+	  echo "setup-system: Orthanc and its DICOMweb plugin are installed"; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "setup-system: Orthanc or $(ORTHANC_PLUGIN) missing; the PACS tests will skip" \
+	    "(as root on Debian: apt-get install $(ORTHANC_PACKAGES))"; \
+	else \
+	  echo "setup-system: installing $(ORTHANC_PACKAGES)"; \
+	  created=; \
+	  if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && created=1; \
+	  fi; \
+	  trap '[ -z "$$created" ] || rm -f /usr/sbin/policy-rc.d' EXIT; \
+	  apt-cache show $(ORTHANC_PACKAGES) >/dev/null 2>&1 || apt-get update -q >/dev/null || exit 1; \
+	  $(APT_INSTALL) >/dev/null || { apt-get update -q >/dev/null && $(APT_INSTALL) >/dev/null; } || exit 1; \
+	  if [ -d /run/systemd/system ]; then systemctl disable --now orthanc >/dev/null 2>&1 || true; fi; \
+	  $(HAVE_ORTHANC) || { echo "setup-system: installed, but Orthanc or $(ORTHANC_PLUGIN) is missing"; exit 1; }; \
+	  echo "setup-system: installed $$(/usr/sbin/Orthanc --version | head -n 1)"; \
+	fi
+
 demo: setup
 	$(VENV)/bin/medseg demo --workdir demo_run
 
@@ -26,7 +55,7 @@ lint: setup  # checked style: lint, formatting and types of the package (also pa
 	$(VENV)/bin/ruff format --check medseg
 	$(VENV)/bin/mypy
 
-test: lint
+test: setup-system lint
 	$(PY) -m pytest -q
 
 test-slow: setup

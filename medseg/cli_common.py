@@ -16,6 +16,9 @@ STATE: dict = {"debug": False, "defer_warnings": False, "warnings": []}
 OldOut = Annotated[Optional[Path], typer.Option("--out", hidden=True, help="deprecated: old name of --output")]
 
 
+MODEL_HELP = "model package folder, run folder, or models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/model"
+
+
 def renamed(new: Optional[Path], old: Optional[Path], old_flag: str, new_flag: str) -> Optional[Path]:
     """The value given under ``new_flag`` or, with a deprecation warning, under its old name ``old_flag``."""
     if old is None:
@@ -54,5 +57,5 @@ def setup_logging(verbose: bool = True) -> None:
         handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
         force=True,
     )
-    for noisy in ("mlflow", "alembic", "urllib3", "httpx"):
+    for noisy in ("mlflow", "alembic", "urllib3", "httpx", "dicomweb_client", "pynetdicom"):  # their INFO quotes UIDs
         logging.getLogger(noisy).setLevel(logging.WARNING)
