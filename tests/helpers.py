@@ -69,7 +69,8 @@ def phantom_package(tmp_path: Path, manifest_path: Path, overrides: list[str]):
     from medseg.models import build_model
 
     cfg = load_config("phantom_unet3d", [f"data.manifest={manifest_path}", "data.patch_size=[32, 32, 16]",
-                                         "model.params.channels=[4, 8, 16, 32]", *overrides])
+                                         "model.params.channels=[4, 8, 16, 32]",
+                                         "inference.precision=fp32", *overrides])  # exact masks, on bf16 CPUs too
     m = load_manifest(manifest_path)
     net = build_model(cfg.model.name, 3, m.num_channels, m.num_classes, cfg.model.params)
     save_package(tmp_path / "pkg", net, cfg, m)

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medseg.errors import MedsegError
+from medseg.errors import InputError, MedsegError
 from medseg.inference.batch_tracking import BatchTracking
 from medseg.inference.case_notes import CaseNotes
 from medseg.inference.case_runners import CASE_RUNNERS, CaseRunner
@@ -62,6 +63,18 @@ def check_probabilities_option(package: ModelPackage, cases: list[InputCase]) ->
                 f"case {c.id!r}: its probabilities file would overwrite the mask of case "
                 f"{masks[probabilities_name(c)]!r}"
             )
+
+
+def check_writable(out: Path) -> None:
+    """Create ``out`` and prove a file can be written in it; ``InputError`` naming it if not (before any case:
+    otherwise every case's outputs and records would fail one by one). A real write, not ``os.access``: root passes
+    permission bits, not a read-only mount."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".medseg-write-test-"):
+            pass
+    except OSError as e:
+        raise InputError(out, f"output folder is not writable ({e.strerror or type(e).__name__})") from None
 
 
 def check_inputs_fit_model(package: ModelPackage, cases: list[InputCase]) -> None:
@@ -152,7 +165,7 @@ def _run(
     save_probabilities: bool,
     read_ahead: bool = False,
 ) -> BatchReport:
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     remove_stale_temps(out, cases)
     report = BatchReport()
     todo: list[InputCase] = []

@@ -62,7 +62,8 @@ class CaseNotes:
         return list(self._notes)
 
     def __enter__(self) -> CaseNotes:
-        self._caught = self._warnings.__enter__() or []
+        caught = self._warnings.__enter__()  # the list the warnings are appended to (record=True)
+        self._caught = caught if caught is not None else []
         warnings.simplefilter("always")
         for name in LIBRARY_LOGGERS:
             logger = logging.getLogger(name)

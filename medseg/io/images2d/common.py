@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,11 @@ def open_image(path: Path) -> Image.Image:
     try:
         im = Image.open(path)
         im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except Image.DecompressionBombError as e:  # Pillow refuses it from the header, before decoding a pixel
+        raise InputError(
+            path, f"absurd image size, refused before decoding ({str(e).split(', could be')[0]})"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, zlib.error) as e:
         raise InputError(path, f"not a readable image ({e.__class__.__name__}: {str(e)[:80]})") from None
     return im
 
@@ -83,8 +88,14 @@ def write_index_png(path: Path, labels: np.ndarray) -> Path:
         raise ValueError("index PNGs hold values 0..255")
     im = Image.fromarray(labels.astype(np.uint8), mode="P")
     im.putpalette(voc_palette())
-    with atomic_path(path, suffix=".png") as tmp:
-        im.save(tmp, format="PNG")
+    failure = None
+    try:  # the temp file goes on failure (atomic_path): a full disk leaves no partial output
+        with atomic_path(path, suffix=".png") as tmp:
+            im.save(tmp, format="PNG")
+    except OSError as e:
+        failure = e.strerror or e.__class__.__name__
+    if failure is not None:  # raised outside the handler: the OSError's frames (an open temp file) are freed first
+        raise InputError(path, f"cannot write this output ({failure})")
     return path
 
 
