@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/inference.py                      # 512x512x300, memory-bounded on 512x512x600
     .venv/bin/python benchmarks/inference.py --shape 128 128 60 --bounded-shape 128 128 120   # smoke size
+    .venv/bin/python benchmarks/inference.py --skip-compare --skip-bounded --precision-shape 128 128 64  # precision only
 
 A synthetic CT (air around an elliptic body with organs, int16 HU) is segmented by the same untrained
 network (weights fixed by a seed, instance norm) with the same ROI and overlap:
@@ -24,6 +25,13 @@ volume: peak RSS relative to the input's bytes (goal <= 3x), counting the input 
 everything prediction added, and the part of that which is the network's own working memory (constant,
 independent of the scan size), measured on one window (memory-bounded mode on the CPU runs the network
 window by window). Numbers depend on the machine: say which.
+
+Precision (``inference.precision``, on by default, ``--skip-precision`` leaves it out): on a third, small volume
+(``--precision-shape``), ``Predictor.predict`` in fp32 and under bf16 autocast (the self-check's threshold set to 0,
+so bf16 is what is timed; the agreement it measured is printed), and the network alone on one window batch in
+fp32, bf16 autocast and, when the export extra is installed, ONNX Runtime (the ``medseg export`` ONNX file); all as
+ratios to fp32 in the same run, with label agreement and the largest logit difference to fp32. Whether the CPU has
+native bf16 (``avx512_bf16`` / ``amx_bf16``) is printed: without it bf16 is emulated and expected to lose.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import importlib.util
 import os
 import sys
 import tempfile
@@ -48,11 +57,12 @@ from monai.inferers import sliding_window_inference  # noqa: E402
 
 from medseg.config import load_config  # noqa: E402
 from medseg.data.phantom import write_phantom  # noqa: E402
-from medseg.runtime.memory import PeakMemory  # noqa: E402
 from medseg.inference.model_package import load_package, save_package  # noqa: E402
 from medseg.inference.options import apply_inference_overrides  # noqa: E402
 from medseg.inference.predictor import Predictor  # noqa: E402
 from medseg.models import build_model  # noqa: E402
+from medseg.runtime.memory import PeakMemory  # noqa: E402
+from medseg.runtime.precision import cpu_has_native_bf16  # noqa: E402
 
 LOWER, UPPER = -200.0, 300.0
 
@@ -112,6 +122,73 @@ def timed(fn):
     return out, seconds, pm.peak_mb, pm.peak_mb - before
 
 
+def median_time(fn, rounds: int) -> tuple[float, object]:
+    """Median wall time of ``fn()`` over ``rounds`` calls, and its last result."""
+    times, out = [], None
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), out
+
+
+def network_precisions(pkg, tmp: Path, windows: torch.Tensor, rounds: int) -> None:
+    """The network alone on one window batch: fp32, bf16 autocast, ONNX Runtime (if installed); ratios to fp32."""
+    net = pkg.build("cpu")
+    runs = {"fp32": lambda: net(windows),
+            "bf16 autocast": lambda: _autocast_bf16(net, windows)}
+    if all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")):
+        import onnxruntime
+
+        from medseg.inference.export import export_package
+
+        export_package(pkg, "onnx", tmp / "onnx")
+        session = onnxruntime.InferenceSession(str(tmp / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+        runs["ONNX Runtime"] = lambda: torch.from_numpy(session.run(None, {"image": windows.numpy()})[0])
+    else:
+        print("    ONNX Runtime: not measured (pip install 'medseg[export]')")
+    with torch.inference_mode():
+        results = {name: median_time(fn, rounds) for name, fn in runs.items()}
+    t32, ref = results["fp32"]
+    for name, (t, out) in results.items():
+        out = out.float()
+        print(f"    network, {windows.shape[0]} window(s) of {tuple(windows.shape[2:])}, {name}: {t:7.3f} s  "
+              f"{t / t32:5.2f}x fp32's time; argmax agreement {float((out.argmax(1) == ref.argmax(1)).float().mean()):.4f}, "
+              f"max |logit diff| {float((out - ref).abs().max()):.3g}")
+
+
+def _autocast_bf16(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return net(x)
+
+
+def precision_cases(pkg, tmp: Path, shape: tuple[int, int, int], roi, sw_batch: int, rounds: int) -> None:
+    """``Predictor.predict`` in fp32 and bf16 on one volume, then the network alone (``network_precisions``)."""
+    import warnings
+
+    native = cpu_has_native_bf16()
+    print(f"\nprecision, volume {shape} int16; CPU native bf16 (avx512_bf16/amx_bf16): {'yes' if native else 'no'}")
+    vol = synthetic_ct(shape)
+    img = nib.Nifti1Image(vol, np.diag([0.8, 0.8, 1.5, 1.0]))
+    body = vol > -500
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bf16 on a CPU without it warns once: said above
+        preds = {s: Predictor(apply_inference_overrides(pkg, [f"inference.precision={s}",
+                                                              "inference.precision_min_agreement=0"]), device="cpu")
+                 for s in ("fp32", "bf16")}
+    for p in preds.values():  # warm-up: oneDNN primitives outside the timings (also runs bf16's self-check)
+        p.predict(img, name="synthetic")
+    results = {s: median_time(lambda p=p: p.predict(img, name="synthetic"), rounds) for s, p in preds.items()}
+    t32, ref = results["fp32"]
+    for s, (t, pred) in results.items():
+        agree = float((pred.labels == ref.labels)[body].mean())
+        print(f"  medseg predict, inference.precision={s}: {t:7.2f} s  {t / t32:5.2f}x fp32's time; "
+              f"label agreement with fp32 inside the body {agree:.4f}")
+    print(f"    bf16 self-check (first window batch of the batch): argmax agreement {preds['bf16'].autocast.agreement}")
+    windows = torch.rand(sw_batch, 1, *roi, generator=torch.Generator().manual_seed(0))
+    network_precisions(pkg, tmp, windows, rounds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", type=int, nargs=3, default=[512, 512, 300])
@@ -125,6 +202,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median reported)")
     ap.add_argument("--skip-compare", action="store_true", help="only the memory-bounded run")
     ap.add_argument("--skip-bounded", action="store_true", help="only the comparison with plain MONAI")
+    ap.add_argument("--skip-precision", action="store_true", help="leave out fp32 vs bf16 vs ONNX Runtime")
+    ap.add_argument("--precision-shape", type=int, nargs=3, default=[160, 160, 64],
+                    help="volume of the precision cases (bf16 is emulated, slow, on CPUs without native bf16)")
+    ap.add_argument("--precision-rounds", type=int, default=1, help="timing rounds of the precision cases (median)")
     ap.add_argument("--bounded-spacing", type=float, nargs=3, default=[1.0, 1.0, 1.5],
                     help="also run memory-bounded mode for a model trained at this spacing (the scan is 0.8x0.8x1.5 mm): "
                          "resampled to the model's grid and back slab by slab; 0 0 0 skips it")
@@ -209,6 +290,9 @@ def main() -> None:
                 print(f"    of which the network's working memory on one window: {d_net:.0f} MiB "
                       f"(independent of the scan); without it {(d_b - d_net + mb) / mb:.2f}x")
                 del pred, bounded
+        if not args.skip_precision:
+            precision_cases(pkg, Path(d), tuple(args.precision_shape), tuple(args.roi), args.sw_batch,
+                            args.precision_rounds)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """CUDA paths on a real GPU: AMP training with pinned-memory loading, GPU inference under autocast against the
-CPU result, channels-last, memory-bounded mode on the GPU, and DDP on NCCL through torchrun.
+CPU result, channels-last, memory-bounded mode on the GPU, DDP on NCCL through torchrun, and the out-of-memory
+fallback of inference (a process memory limit makes the window batch, then the stitching, not fit).
 
 Skipped where there is no CUDA device (this project's CI has none). On a GPU server:
 
@@ -10,23 +11,28 @@ They use the tiny phantom and run in a few minutes on one card.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from medseg.inference.batch import run_batch
+from medseg.inference.inputs import discover_inputs
 from medseg.inference.model_package import load_package
 from medseg.inference.options import apply_inference_overrides
 from medseg.inference.predictor import Predictor
 from medseg.io.manifest import load_manifest
 from tests.conftest import run_cli
+from tests.helpers import phantom_package
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -114,3 +120,79 @@ def test_torchrun_nccl_one_gpu(tiny_phantom: Path, tmp_path: Path) -> None:
     history = list(csv.DictReader((tmp_path / "nccl" / "history.csv").open()))
     assert [int(r["epoch"]) for r in history] == [0, 1]
     assert (tmp_path / "nccl" / "model" / "model.pt").is_file()
+
+
+# ---- out-of-memory fallback -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def gpu_memory_limit(extra_bytes: int) -> Iterator[None]:
+    """Let this process's CUDA allocator hold at most what it holds now plus ``extra_bytes`` (its cache emptied
+    first, so nothing cached hides the limit)."""
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved() + extra_bytes) / total), 0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+        torch.cuda.empty_cache()
+
+
+def predict_one(pkg, scans: Path, out: Path) -> tuple[np.ndarray, dict, Predictor, int]:
+    """Segment the one scan in ``scans`` on the GPU through the batch runner: (mask, case record, predictor, the
+    most bytes the allocator held above what it held before)."""
+    import nibabel as nib
+
+    predictor = Predictor(pkg, device="cuda")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_reserved()
+    report = run_batch(pkg, discover_inputs(scans), out, device="cuda", progress=False, predictor=predictor)
+    peak = torch.cuda.max_memory_reserved() - before
+    (cid,) = report.done
+    record = json.loads((out / f"{cid}.json").read_text())
+    return np.asanyarray(nib.load(out / f"{cid}.nii.gz").dataobj), record, predictor, peak
+
+
+def write_scan(folder: Path, shape: tuple[int, int, int]) -> Path:
+    """One int16 CT-like scan that is body everywhere (every window runs), noisy enough for varied labels."""
+    import nibabel as nib
+
+    folder.mkdir(parents=True)
+    vol = np.random.default_rng(0).integers(-150, 250, size=shape).astype(np.int16)
+    nib.save(nib.Nifti1Image(vol, np.diag([1.0, 1.0, 1.5, 1.0])), folder / "scan.nii.gz")
+    return folder
+
+
+def same_labels(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal labels, up to the rare voxel whose two best classes tie within float rounding: cuDNN may pick another
+    convolution algorithm for another window batch size, and the CPU adds the blended windows in its own kernels."""
+    return a.shape == b.shape and float((a != b).mean()) <= 1e-5
+
+
+def test_window_batch_that_does_not_fit_the_gpu_is_split(tiny_phantom: Path, tmp_path: Path) -> None:
+    # 125 windows of 32x32x16 in one window batch: the network's activations are most of the memory used.
+    pkg, _ = phantom_package(tmp_path, tiny_phantom, ["data.spacing=null", "inference.precision=fp32",
+                                                      "inference.sw_batch_size=256"])
+    scans = write_scan(tmp_path / "scans", (128, 128, 64))
+    want, _, _, peak = predict_one(pkg, scans, tmp_path / "free")
+    with gpu_memory_limit(int(peak * 0.4)):
+        got, record, predictor, _ = predict_one(pkg, scans, tmp_path / "limited")
+    assert record["status"] == "ok" and same_labels(got, want)
+    steps = [w for w in record["warnings"] if w.startswith("GpuMemoryWarning")]
+    assert steps and all("CUDA out of memory in the network" in w for w in steps), record["warnings"]
+    assert predictor.memory.windows_per_call is not None and predictor.memory.windows_per_call < 256
+
+
+def test_stitching_that_does_not_fit_the_gpu_moves_to_the_cpu(tiny_phantom: Path, tmp_path: Path) -> None:
+    # 256x256x160 voxels x 4 classes of float32 blended logits (168 MiB) and the count map: most of the memory used;
+    # the windows (2 of 32x32x16 per call) need little.
+    pkg, _ = phantom_package(tmp_path, tiny_phantom, ["data.spacing=null", "inference.precision=fp32",
+                                                      "inference.sw_batch_size=2"])
+    scans = write_scan(tmp_path / "scans", (256, 256, 160))
+    want, _, _, peak = predict_one(pkg, scans, tmp_path / "free")
+    with gpu_memory_limit(peak // 2):
+        got, record, predictor, _ = predict_one(pkg, scans, tmp_path / "limited")
+    assert record["status"] == "ok" and same_labels(got, want)
+    steps = [w for w in record["warnings"] if w.startswith("GpuMemoryWarning")]
+    assert any("retrying with the stitching on the CPU" in w for w in steps), record["warnings"]
+    assert predictor.memory.cpu_stitch_above is not None

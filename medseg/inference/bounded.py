@@ -29,10 +29,9 @@ from medseg.inference.preparation import (
     raw_window_box,
 )
 from medseg.inference.slab_resample import SpacingSettings, lazy_geometry, resample_in_slabs, spacing_settings
-from medseg.inference.sliding import WindowOptions, WindowRunner
+from medseg.inference.sliding import OomFallback, WindowOptions, WindowRunner, with_oom_fallback
 from medseg.inference.streaming import streaming_sliding_window
 from medseg.io.nifti import load_nifti, read_unscaled
-from medseg.runtime.device import Precision
 from medseg.runtime.memory import release_free_heap
 
 
@@ -42,7 +41,7 @@ class Segmenting(Protocol):
     cfg: Config
     window: tuple[int, ...]
     device: torch.device
-    precision: Precision
+    memory: OomFallback
     num_classes: int
     invert_labels: Invertd
     grid_steps: Compose
@@ -132,7 +131,7 @@ class BoundedPath:
         def emit(z0: int, logits: torch.Tensor) -> None:
             out[..., z0 : z0 + logits.shape[-1]] = argmax_classes(logits)
 
-        with p.precision.autocast(p.device):
+        def stream(_: torch.device) -> None:  # the blending is on the CPU already: only the window step applies
             streaming_sliding_window(
                 xt,
                 p.window,
@@ -145,6 +144,11 @@ class BoundedPath:
                 sw_device=p.device,
                 acc_dtype=torch.float16,
             )
+
+        # The network runs under the runner's (the batch's) autocast; a retry after a CUDA out-of-memory error emits
+        # every slice again, so a pass cut short leaves nothing behind.
+        cpu = torch.device("cpu")
+        with_oom_fallback(stream, wp, wp.net_batch or inf.sw_batch_size, cpu, int(xt[0].numel()), p.memory)
         release_free_heap()  # the network's activations lived on the heap; the inversion should not carry them
         return out
 

@@ -51,11 +51,20 @@ from medseg.inference.preparation import (
     spatial_transforms,
 )
 from medseg.inference.resampled import ResampledPath
-from medseg.inference.sliding import WindowOptions, WindowRunner, model_channels_last, network_fn, window_logits
+from medseg.inference.sliding import (
+    CheckedAutocast,
+    OomFallback,
+    WindowOptions,
+    WindowRunner,
+    model_channels_last,
+    network_fn,
+    window_logits,
+)
 from medseg.inference.window_grid import BodyWindows, aligned_box, body_extent
-from medseg.io.nifti import load_nifti, read_array, voxel_spacing
-from medseg.runtime.device import resolve_device, resolve_precision
+from medseg.io.nifti import load_nifti, read_array, verify_gzip, voxel_spacing
+from medseg.runtime.device import resolve_device
 from medseg.runtime.memory import return_freed_memory_to_os
+from medseg.runtime.precision import resolve_inference_precision
 
 _GRID_STEPS = (mt.Orientationd, mt.Spacingd)  # the steps that move voxels to the model's grid
 SOFTMAX_SLAB = 16  # slices per softmax step when logits become probabilities
@@ -87,7 +96,10 @@ class Predictor:
         self.package = package
         self.cfg = package.config
         self.device = resolve_device(device, local_rank)
-        self.precision = resolve_precision(self.cfg.train.amp, self.device)
+        self.precision = resolve_inference_precision(self.cfg.inference.precision, self.device)
+        # One self-check of reduced precision and one out-of-memory fallback for the batch this predictor serves.
+        self.autocast = CheckedAutocast(self.precision, self.cfg.inference.precision_min_agreement)
+        self.memory = OomFallback()
         self.model = model.to(self.device).eval() if model is not None else package.build(self.device)
         inf, dims = self.cfg.inference, self.cfg.model.spatial_dims
         if inf.channels_last:
@@ -133,8 +145,19 @@ class Predictor:
         """Load and preprocess channel files (``steps``: other transforms than the spatial ones, from loading on)."""
         reference = load_nifti(image_paths[0])
         self.check_channels(reference, len(image_paths), image_paths[0])
+        for p in image_paths[1:]:  # the other channel files' headers too, before MONAI reads any voxel
+            load_nifti(p)
+        for p in image_paths:  # nibabel, under MONAI, stops before the gzip trailer: a corrupt payload reads silently
+            verify_gzip(p)
         files = [str(p) for p in image_paths]
-        data = (steps or self.spatial)({"image": files if len(files) > 1 else files[0]})
+        try:
+            data = (steps or self.spatial)({"image": files if len(files) > 1 else files[0]})
+        except Exception:
+            # MONAI reports a payload that cannot be read (truncated or corrupt gzip) as "applying transform
+            # <LoadImaged object at 0x...>": nibabel's own reading names the file and the cause. Only on failure.
+            for p in image_paths:
+                read_array(load_nifti(p), p)
+            raise  # every file reads: not an input problem
         return data, reference
 
     def from_image(self, image: nib.Nifti1Image, name: str, raw: bool = False, steps: Compose | None = None) -> dict:
@@ -162,16 +185,28 @@ class Predictor:
 
     # ---- inference -------------------------------------------------------------------------------
     def window_runner(self, **kw: Unpack[WindowOptions]) -> WindowRunner:
-        """A ``WindowRunner`` over this model's network with the configured mirroring (``kw``: its options)."""
-        return WindowRunner(self.predict_fn, self.num_classes, mirror_axes=self.mirror_axes, **kw)
+        """A ``WindowRunner`` over this model's network with the configured mirroring and the batch's self-checked
+        autocast (``kw``: its other options)."""
+        return WindowRunner(
+            self.predict_fn, self.num_classes, mirror_axes=self.mirror_axes, precision=self.autocast, **kw
+        )
 
     def check_finite(self, image: torch.Tensor | np.ndarray, name: Path | str) -> None:
-        """``InputError`` naming ``name`` if a float scan holds NaN/inf voxels (checked slab by slab)."""
-        if not np.issubdtype(np.asarray(image[..., :0]).dtype, np.floating):
-            return
+        """``InputError`` naming ``name`` if a scan holds NaN/inf voxels or is constant (checked slab by slab).
+
+        A constant scan (every voxel one value: an export whose pixel data was lost, a blank series) fails rather
+        than warns: its mask would be empty, and an empty mask reads as "nothing found", not as "no image".
+        """
+        floating = np.issubdtype(np.asarray(image[..., :0]).dtype, np.floating)
+        low, high = np.inf, -np.inf
         for z in range(0, image.shape[-1], FINITE_SLAB):  # slab by slab: no full-size boolean mask
-            if not np.isfinite(np.asarray(image[..., z : z + FINITE_SLAB])).all():
+            slab = np.asarray(image[..., z : z + FINITE_SLAB])
+            if floating and not np.isfinite(slab).all():
                 raise InputError(name, "image contains NaN/inf voxels")
+            if slab.size:
+                low, high = min(low, float(slab.min())), max(high, float(slab.max()))
+        if low == high:
+            raise InputError(name, f"image is constant (every voxel {low:g}): no contrast to segment")
 
     def _windowed_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]] | None:
         """Sliding-window logits (C, *box) over the window-grid crop ``box`` of the preprocessed image, or None
@@ -188,7 +223,7 @@ class Predictor:
         normalise = IntensityNormaliser(self.cfg, x, fg_box)
         crop = normalise(x[(slice(None), *box)])
         wp = self.window_runner(body=BodyWindows(body[box], self.window) if body is not None else None)
-        logits = window_logits(crop[None], self.window, inf, wp, self.device, self.precision)
+        logits = window_logits(crop[None], self.window, inf, wp, self.device, self.precision, self.memory)
         self.last_windows = {"run": wp.windows_run, "skipped": wp.windows_skipped}
         return logits[0], box
 

@@ -1,0 +1,118 @@
+"""Which precision the network runs in at prediction time (``inference.precision``), from the device's capabilities.
+
+``auto`` picks bf16 autocast on a CPU that computes bf16 natively, AMP on CUDA (bf16 where the card supports it,
+else fp16) and fp32 everywhere else. "Natively" is read from the CPU's feature flags (``avx512_bf16``,
+``amx_bf16``; ``bf16`` / ``sve_bf16`` on Arm), never from its brand: a CPU without them emulates bf16 and is slower
+in it than in fp32. torch's own view of the CPU (``torch.cpu.get_capabilities``, cpuinfo-based) is asked first,
+``/proc/cpuinfo`` where that torch lacks it; ``torch.backends.cpu.get_cpu_capability`` only names the vector ISA
+ATen dispatches to (``AVX512``, ``AVX2``), which does not say whether bf16 is there, so it is not used.
+
+Explicit ``bf16`` on a CPU without native bf16 runs (slowly) after a one-time warning; ``fp16`` on the CPU is a
+``ConfigError``: CPU autocast to fp16 is emulated and far slower than fp32. The windows' self-check against fp32
+is ``medseg.inference.sliding.CheckedAutocast``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medseg.errors import ConfigError
+from medseg.runtime.device import Precision
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")  # x86 (AVX-512 BF16, AMX), Arm (FEAT_BF16, SVE)
+CPUINFO = Path("/proc/cpuinfo")
+FULL = Precision(None, False)
+
+_warned: set[str] = set()  # one-time warnings already given in this process
+
+
+class PrecisionWarning(UserWarning):
+    """Reduced precision that is slow here, or that the self-check turned back to fp32."""
+
+
+def cpuinfo_flags(path: Path = CPUINFO) -> frozenset[str] | None:
+    """The CPU feature flags of the first processor in a ``/proc/cpuinfo``-style file (x86 ``flags``, Arm
+    ``Features``); None where the file is unreadable or lists none (not Linux)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in ("flags", "features"):
+            return frozenset(value.split())
+    return None
+
+
+def torch_cpu_capabilities() -> Mapping[str, Any] | None:
+    """``torch.cpu.get_capabilities()`` (what torch's kernels see), or None on a torch without it (< 2.9)."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    return get() if callable(get) else None
+
+
+def cpu_has_native_bf16(
+    capabilities: Mapping[str, Any] | None = None, flags: frozenset[str] | None = None, probe: bool = True
+) -> bool:
+    """True when the CPU computes bf16 in hardware (one of ``BF16_FLAGS``).
+
+    ``capabilities`` (torch's map) is consulted first, then ``flags`` (``/proc/cpuinfo``); with ``probe`` the ones
+    not given are read from this machine. A CPU that neither source describes counts as without bf16.
+    """
+    caps = capabilities if capabilities is not None or not probe else torch_cpu_capabilities()
+    if caps is not None and any(name in caps for name in BF16_FLAGS):
+        return any(bool(caps.get(name, False)) for name in BF16_FLAGS)
+    found = flags if flags is not None or not probe else cpuinfo_flags()
+    return bool(found and found.intersection(BF16_FLAGS))
+
+
+def warn_once(key: str, message: str) -> None:
+    """A ``PrecisionWarning`` the first time ``key`` comes up in this process, nothing after."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, PrecisionWarning, stacklevel=3)
+
+
+def cuda_precision(setting: str, device: torch.device) -> Precision:
+    """CUDA: ``auto`` is bf16 where the card supports it, else fp16 (autocast, no gradient scaler at inference)."""
+    if setting == "fp32":
+        return FULL
+    bf16_ok = torch.cuda.is_bf16_supported()
+    if setting == "auto":
+        setting = "bf16" if bf16_ok else "fp16"
+    if setting == "bf16" and not bf16_ok:
+        raise ConfigError(f"inference.precision: bf16 is not supported by {device} (use fp16, fp32 or auto)")
+    return Precision(torch.bfloat16 if setting == "bf16" else torch.float16, False)
+
+
+def resolve_inference_precision(setting: str, device: torch.device, native_bf16: bool | None = None) -> Precision:
+    """The autocast ``inference.precision`` asks for on ``device`` (``Precision(None, ...)``: fp32).
+
+    ``native_bf16`` overrides the CPU detection (``cpu_has_native_bf16``). ``ConfigError`` for fp16 on the CPU.
+    """
+    if setting not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"inference.precision: {setting!r} is none of auto, fp32, bf16, fp16")
+    if device.type == "cuda":
+        return cuda_precision(setting, device)
+    if device.type != "cpu":  # other accelerators: fp32 unless asked; autocast on them is torch's to support
+        explicit = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setting)
+        return Precision(explicit, False)
+    if setting == "fp16":
+        raise ConfigError(
+            "inference.precision: fp16 runs only on CUDA devices (CPU autocast to fp16 is emulated and slower than "
+            "fp32); on the CPU use bf16, fp32 or auto"
+        )
+    native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
+    if setting == "bf16" and not native:
+        warn_once(
+            "cpu-bf16",
+            "inference.precision bf16: this CPU has no native bf16 (no avx512_bf16 / amx_bf16): bf16 is emulated "
+            "and slower than fp32 here",
+        )
+    if setting == "bf16" or (setting == "auto" and native):
+        return Precision(torch.bfloat16, False)
+    return FULL
