@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import click
 import typer
 
-from medseg.cli_common import STATE, OldOut, flush_warnings, renamed, setup_logging
+from medseg.cli_common import MODEL_HELP, STATE, OldOut, flush_warnings, renamed, setup_logging
 from medseg.cli_data import data_app
+from medseg.cli_export import export
+from medseg.cli_pacs import pacs_app
+from medseg.cli_runs import runs_app
 from medseg.errors import MedsegError
 
 try:  # recent typer vendors its own click: its usage errors are not click.ClickException
@@ -32,6 +36,9 @@ app = typer.Typer(
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration presets.")
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
+app.add_typer(runs_app, name="runs")
+app.add_typer(pacs_app, name="pacs")
+app.command("export")(export)
 
 
 @app.callback()
@@ -65,7 +72,7 @@ def train(
     preset: Annotated[Optional[str], typer.Argument(help="preset name or YAML path")] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(help="KEY=VALUE overrides, e.g. train.epochs=5")] = None,
     tracking_uri: Annotated[
-        Optional[str], typer.Option(help="MLflow tracking URI (default: sqlite mlflow.db here)")
+        Optional[str], typer.Option(help="MLflow tracking URI (default: tracking.uri, $MLFLOW_TRACKING_URI, mlflow.db)")
     ] = None,
     resume: Annotated[Optional[Path], typer.Option(help="resume the run in this folder (same MLflow run)")] = None,
 ) -> None:
@@ -96,11 +103,18 @@ def train(
         typer.echo(f"mlflow run id: {result.run_id}")
 
 
+class DicomOutput(str, Enum):
+    """What ``medseg predict`` writes beside the NIfTI mask of a DICOM series."""
+
+    seg = "seg"
+    rtstruct = "rtstruct"
+    both = "both"
+    none = "none"
+
+
 @app.command()
 def predict(
-    model: Annotated[
-        str, typer.Option(help="model package folder, run folder, or models:/NAME/VERSION, runs:/ID/model")
-    ],
+    model: Annotated[str, typer.Option(help=MODEL_HELP)],
     input: Annotated[
         Path,
         typer.Option(
@@ -134,8 +148,17 @@ def predict(
         Optional[str],
         typer.Option(help="log one MLflow run per batch/shard (counts, timing; no case ids or file names)"),
     ] = None,
+    dicom_output: Annotated[
+        Optional[DicomOutput],
+        typer.Option(
+            help="DICOM series: also write a DICOM-SEG, an RTSTRUCT, both or none (default: the model's, seg)"
+        ),
+    ] = None,
 ) -> None:
-    """Segment scans or 2D images; masks (and DICOM-SEG for DICOM series) in each input's own geometry. Exit 3 if some cases failed."""
+    """Segment scans or 2D images; masks (and DICOM-SEG / RTSTRUCT for DICOM series) in each input's own geometry.
+
+    Objects of a DICOM export that are not image series (RTSTRUCT, SEG, SR, KO, PR, RT plan/dose, DICOMDIR) are
+    skipped and listed in skipped_objects.csv. Exit 3 if some cases failed."""
     from medseg.inference.shard import parse_shard, shard_from_env
 
     try:  # checked before the heavy imports: a usage error should be quick
@@ -153,7 +176,7 @@ def predict(
             device=device,
             resume=resume,
             shard=shard_ix,
-            overrides=set_ or [],
+            overrides=[*(set_ or []), *([f"inference.dicom_output={dicom_output.value}"] if dicom_output else [])],
             tracking_uri=tracking_uri,
             save_probabilities=save_probabilities,
             mlflow_experiment=mlflow_experiment,
@@ -192,7 +215,7 @@ def evaluate(
         Optional[str], typer.Option(help="log the results to a new run in this experiment")
     ] = None,
     tracking_uri: Annotated[
-        Optional[str], typer.Option(help="MLflow tracking URI (default: sqlite mlflow.db here)")
+        Optional[str], typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else mlflow.db here)")
     ] = None,
     ignore_index: Annotated[
         Optional[int],

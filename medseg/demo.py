@@ -16,7 +16,7 @@ from medseg.inference.batch import run_batch
 from medseg.inference.inputs import discover_inputs
 from medseg.inference.model_package import load_package
 from medseg.runtime.checkpoint import load_checkpoint
-from medseg.tracking import default_tracking_uri
+from medseg.tracking import resolve_tracking_uri
 
 PRESET = "phantom_unet3d"
 
@@ -32,7 +32,7 @@ def run_demo(workdir: str | Path, epochs: int | None = None, cases: int = 16, tr
         raise RuntimeError("the phantom manifest has no file path")
     manifest_path = manifest.path
     console.print(f"phantom: {len(manifest.cases)} cases ({len(manifest.split('val'))} val) -> {manifest.path}")
-    uri = tracking_uri or default_tracking_uri(work)
+    uri = resolve_tracking_uri(tracking_uri, None, work)
     overrides = [f"data.manifest={manifest.path}", f"train.output_dir={work / 'runs'}", "train.run_name=demo"]
     if epochs is not None:
         overrides.append(f"train.epochs={epochs}")

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "medseg"
 # Lowest first. Each entry: layer name -> module prefixes in it (a prefix covers its submodules).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("medseg", "medseg.errors", "medseg.registry")),
-    ("config", ("medseg.config",)),
+    ("config", ("medseg.config", "medseg.config_inference")),
     ("io", ("medseg.io", "medseg.tracking")),
     ("runtime", ("medseg.runtime",)),
     ("data", ("medseg.data",)),
@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine", ("medseg.engine",)),
     ("evaluation", ("medseg.evaluation",)),
     ("entry points", ("medseg.workflows", "medseg.demo", "medseg.cli_common", "medseg.cli_data",
-                      "medseg.cli_reference", "medseg.cli")),
+                      "medseg.cli_reference", "medseg.cli_pacs", "medseg.cli_runs", "medseg.cli_export", "medseg.cli")),
 ]
 
 

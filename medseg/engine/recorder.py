@@ -4,6 +4,11 @@
 manifest copy, computes provenance once (git commit, dataset fingerprint, plans), starts or re-attaches the MLflow
 run, writes ``history.csv`` and logs each epoch, packages the best model with its per-case metrics and overlays,
 and at the end logs the learning curve, artifacts and the registered model.
+
+The manifest is also the run's MLflow dataset input (context ``training``; ``manifest_dataset``): named by the
+dataset, its digest the dataset fingerprint, its source the manifest file, its profile the case counts per split.
+No case ids or file names go in it (NIfTI file names are the user's). A packaged volume model
+gets a ``python_function`` flavour (``medseg.inference.pyfunc_model``) beside its ``medseg`` one before it is logged.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ from medseg.engine.plots import learning_curve, overlay
 from medseg.engine.validation import ValResult
 from medseg.errors import MedsegError
 from medseg.inference.model_package import save_package
+from medseg.inference.pyfunc_model import add_pyfunc_flavour
 from medseg.io.atomic import write_text_atomic
 from medseg.io.manifest import Manifest
+from medseg.io.tracking_spool import SpoolingTracker
 from medseg.planning.volumes import plans_path_for
 from medseg.runtime.device import Precision
-from medseg.tracking import NullTracker, Tracker, git_commit, make_tracker
+from medseg.tracking import MlflowTracker, NullTracker, Tracker, git_commit, is_outage, make_tracker, write_run_id
 
 log = logging.getLogger("medseg.train")
 EPOCH_SHOWN = ("train_loss", "val_loss", "val_dice_mean", "val_iou_mean", "val_pixel_accuracy")
@@ -64,15 +71,29 @@ class RunRecorder:
         """Start the MLflow run (or re-attach to ``resumed_id``); a new run gets params, tags and inputs."""
         if not self.active:
             return
-        self.tracker = make_tracker(self.cfg.tracking, self.tracking_uri)
+        tracker = make_tracker(self.cfg.tracking, self.tracking_uri)
+        # a tracking outage never stalls training: what the server cannot take waits in the run folder's spool
+        self.tracker = SpoolingTracker(tracker, self.run_dir) if isinstance(tracker, MlflowTracker) else tracker
         run_id = self.tracker.start(run_name=self.run_dir.name, run_id=resumed_id)
         if resumed_id is None:
             self.tracker.log_params(self.cfg.flat())
             self.tracker.set_tags(self._tags(device, world, precision))
             self.tracker.log_artifact(self.run_dir / "config.yaml", "config")
             self.tracker.log_artifact(self.run_dir / "manifest.json", "data")
+            self._log_dataset()
         if run_id:
-            write_text_atomic(self.run_dir / "mlflow_run_id.txt", run_id + "\n")
+            write_run_id(self.run_dir, run_id)
+
+    def _log_dataset(self) -> None:
+        """The manifest as the run's dataset input (spooled with the rest while the server is away)."""
+        if not isinstance(self.tracker, (SpoolingTracker, MlflowTracker)):
+            return
+        try:
+            self.tracker.log_dataset(manifest_dataset(self.manifest, self.fingerprint), context="training")
+        except Exception as e:  # a plain MlflowTracker (no spool) whose server went away: the artifact is there
+            if not is_outage(e):
+                raise
+            log.warning("tracking server away: the run gets no dataset input (data/manifest.json is logged)")
 
     def _tags(self, device: torch.device, world: int, precision: Precision) -> dict[str, Any]:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -149,12 +170,13 @@ class RunRecorder:
         self.tracker.set_tags({"best_epoch": best_epoch, "best_val_dice_mean": f"{best_metric:.4f}"})
         if (self.run_dir / "val_cases_best.csv").exists():
             self.tracker.log_artifact(self.run_dir / "val_cases_best.csv", "metrics")
+        if self.cfg.data.kind == "volume":  # mlflow.pyfunc.load_model("runs:/ID/model") predicts NIfTI scans
+            add_pyfunc_flavour(self.run_dir / "model")  # (2D image models keep the medseg flavour only)
         self.tracker.log_artifact(self.run_dir / "model", "model")
         name = self.cfg.tracking.registered_model_name
-        if name and self.tracker.run_id:
-            version = self.tracker.register_model("model", name)
+        if name:  # also while the run is spooled: registered once it is sent
+            version = self.tracker.register_model("model", name)  # also tags the run registered_model
             if version:
-                self.tracker.set_tags({"registered_model": f"models:/{name}/{version}"})
                 log.info("registered model: models:/%s/%s", name, version)
 
     def end(self, status: str) -> None:
@@ -171,3 +193,20 @@ def read_plans(manifest: Manifest) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise MedsegError(f"{path}: unreadable plans file ({e.__class__.__name__})") from None
+
+
+def manifest_dataset(manifest: Manifest, fingerprint: str) -> dict[str, Any]:
+    """The fields of the MLflow dataset of ``manifest``: name, digest (``fingerprint``), source (the manifest
+    file), a schema of a case's fields and a profile of case counts; no case ids or file names."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource  # type: ignore[attr-defined]  # made at import
+    from mlflow.types.schema import ColSpec, Schema
+
+    source = LocalArtifactDatasetSource(str(Path(manifest.path).resolve()) if manifest.path else manifest.name)
+    fields = [ColSpec("string", "id"), *(ColSpec("string", f"image_{k}") for k in manifest.channel_names)]
+    schema = Schema([*fields, ColSpec("string", "label", required=False), ColSpec("string", "split")])
+    # MetaDataset leaves ``profile`` abstract (its type stubs), yet it is a concrete class at run time
+    doc = MetaDataset(source, name=manifest.name, digest=fingerprint, schema=schema).to_dict()  # type: ignore[abstract]
+    counts = {split: len(manifest.split(split)) for split in ("train", "val", "test")}
+    profile = {"num_cases": len(manifest.cases), **{f"num_{k}": v for k, v in counts.items()}}
+    return {**doc, "profile": json.dumps({**profile, "labels": manifest.labels, "channels": manifest.channel_names})}

@@ -18,7 +18,7 @@ from typing import Any
 
 from medseg.errors import MedsegError
 from medseg.evaluation.outputs import safe_name
-from medseg.tracking import MlflowTracker, default_tracking_uri, git_commit
+from medseg.tracking import MlflowTracker, git_commit, resolve_tracking_uri
 
 SUMMARY_STATS = ("mean", "median", "std", "ci_low", "ci_high", "n", "n_nan")
 COMPARE_STATS = ("mean_diff", "ci_low", "ci_high", "p_value")
@@ -104,7 +104,7 @@ class EvaluationLogger:
         """Exactly one of ``run_id`` (attach to that existing run) and ``experiment`` (a new run) is given."""
         if (run_id is None) == (experiment is None):
             raise MedsegError("give exactly one of --mlflow-run-id (attach to a run) and --mlflow-experiment (new run)")
-        uri = tracking_uri or default_tracking_uri()
+        uri = resolve_tracking_uri(tracking_uri)  # else MLFLOW_TRACKING_URI, else mlflow.db here
         tracker = MlflowTracker(uri, experiment or "")
         if run_id is not None:
             from mlflow.exceptions import MlflowException

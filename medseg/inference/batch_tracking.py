@@ -25,7 +25,7 @@ from medseg import __version__
 from medseg.config import flatten
 from medseg.inference.model_package import ModelPackage
 from medseg.inference.records import BatchReport
-from medseg.tracking import MlflowTracker, default_tracking_uri
+from medseg.tracking import MlflowTracker, resolve_tracking_uri
 
 _REMOTE_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "http://", "https://")
 
@@ -69,8 +69,9 @@ class BatchTracking:
         shard: tuple[int, int] | None,
         save_probabilities: bool = False,
     ) -> BatchTracking:
-        """Create the run in ``experiment`` at ``uri`` (default ``mlflow.db`` here) and log what will run."""
-        tracker = MlflowTracker(uri or default_tracking_uri(), experiment)
+        """Create the run in ``experiment`` at ``uri`` (else ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` here;
+        ``resolve_tracking_uri``) and log what will run."""
+        tracker = MlflowTracker(resolve_tracking_uri(uri), experiment)
         shard_text = f"{shard[0]}/{shard[1]}" if shard else "all"
         tracker.start(run_name=f"predict shard {shard_text.replace('/', 'of')}" if shard else "predict")
         params = {

@@ -2,15 +2,20 @@
 
     model.pt        state dict (loaded with weights_only=True)
     config.yaml     the resolved training config (preprocessing, architecture, inference settings)
-    metadata.json   model card: label map, channels, spacing, intensity, versions, run id, metrics
-    MLmodel         MLflow model descriptor (a ``medseg`` flavour), so the registry lists it as a model
+    metadata.json   model card: label map, channels, spacing, intensity, versions, run id, metrics, and the
+                    sha256 of model.pt (checked when the network is built: changed weights are refused)
+    MLmodel         MLflow model descriptor (a ``medseg`` flavour; trained volume models also a ``python_function``
+                    one, see ``pyfunc_model``), so the registry lists it as a model
 
 A package can be referenced as the folder itself, a training run folder (``RUN/model``), or an MLflow
-URI (``models:/NAME/VERSION``, ``runs:/RUN_ID/model``), which is downloaded first.
+URI (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/RUN_ID/model``), which is downloaded first; an
+alias is resolved to the version it points at once, and that version is downloaded and recorded.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import platform
 from dataclasses import dataclass
@@ -24,7 +29,7 @@ import torch.nn as nn
 import medseg
 from medseg.config import Config, config_from_yaml_text
 from medseg.errors import InputError
-from medseg.io.atomic import write_json_atomic, write_text_atomic
+from medseg.io.atomic import write_atomic, write_json_atomic, write_text_atomic
 from medseg.io.manifest import Manifest
 from medseg.models import build_model
 
@@ -39,6 +44,7 @@ class ModelPackage:
     path: Path
     config: Config
     metadata: dict[str, Any]
+    resolved_ref: str | None = None  # ``models:/NAME/VERSION`` that a ``models:/NAME@ALIAS`` reference resolved to
 
     @property
     def labels(self) -> dict[str, int]:
@@ -58,16 +64,36 @@ class ModelPackage:
         model = build_model(cfg.name, cfg.spatial_dims, int(self.metadata["in_channels"]), self.num_classes, params)
         weights = self.path / WEIGHTS
         try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+            blob = weights.read_bytes()
+        except OSError as e:
+            raise InputError(weights, f"cannot read weights ({e.strerror or e.__class__.__name__})") from None
+        changed = weights_changed(blob, self.metadata.get("weights_sha256"))
+        try:
+            state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
         except Exception as e:
-            raise InputError(weights, f"cannot load weights ({e.__class__.__name__})") from None
+            raise InputError(weights, f"cannot load weights ({e.__class__.__name__}){changed or ''}") from None
+        if changed:  # loadable, yet not the weights that were packaged
+            raise InputError(weights, f"weights checksum mismatch{changed}")
         try:
             model.load_state_dict(state)
-        except RuntimeError as e:
+        except RuntimeError as e:  # the first line only says "Error(s) in loading state_dict": the next one says what
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             raise InputError(
-                weights, f"weights do not fit the architecture in config.yaml ({str(e).splitlines()[0]})"
+                weights, f"weights do not fit the architecture in config.yaml ({' '.join(lines[:2])[:300]})"
             ) from None
         return model.to(device).eval()
+
+
+def weights_changed(blob: bytes, sha256: str | None) -> str | None:
+    """None if ``blob`` (``model.pt``) has the model card's ``weights_sha256`` (or the card has none: packages
+    saved before the checksum existed are read unchecked), else the cause, as a clause for the error."""
+    actual = hashlib.sha256(blob).hexdigest()
+    if sha256 is None or actual == sha256:
+        return None
+    return (
+        f": its sha256 {actual[:16]}... is not the {str(sha256)[:16]}... the model card (metadata.json) records; "
+        "the file was changed or damaged after the package was saved"
+    )
 
 
 def save_package(
@@ -109,21 +135,24 @@ def save_package(
     if plans is not None:
         write_json_atomic(out / PLANS, plans)
         meta["plans"] = PLANS
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    buffer = io.BytesIO()  # serialised first: the model card records the weights' checksum, checked on loading
+    torch.save(state, buffer)
+    blob = buffer.getvalue()
+    meta["weights_sha256"] = hashlib.sha256(blob).hexdigest()
     write_text_atomic(out / CONFIG, cfg.to_yaml())
     write_json_atomic(out / METADATA, meta)
     write_text_atomic(out / MLMODEL, _mlmodel_yaml(meta))
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from medseg.runtime.checkpoint import save_checkpoint
-
-    save_checkpoint(out / WEIGHTS, state)
+    write_atomic(out / WEIGHTS, lambda p: p.write_bytes(blob))
     return out
 
 
 def _mlmodel_yaml(meta: dict[str, Any]) -> str:
     """An ``MLmodel`` file declaring a ``medseg`` flavour, so MLflow lists and registers the package as a model.
 
-    No pyfunc flavour on purpose: pyfunc would pickle Python code into the artifact, while a medseg package
-    holds only weights-only tensors and text; ``medseg predict --model models:/NAME/VERSION`` loads it.
+    The ``python_function`` flavour is added by ``pyfunc_model.add_pyfunc_flavour`` when a trained run logs the
+    package (it names a loader module, nothing is pickled); ``medseg predict --model models:/NAME/VERSION`` loads
+    the ``medseg`` flavour.
     """
     import datetime
 
@@ -162,6 +191,34 @@ def _download_mlflow(uri: str, tracking_uri: str | None) -> Path:
         ) from None
 
 
+def resolve_model_alias(ref: str, tracking_uri: str | None = None) -> str:
+    """``models:/NAME@ALIAS`` -> ``models:/NAME/VERSION``, the version the registry alias points at now (one
+    ``MlflowClient.get_model_version_by_alias`` call); any other reference is returned as it is.
+
+    Downloading the resolved version (not the alias) means the weights loaded are the version recorded, even if
+    the alias moves meanwhile (e.g. a training pipeline promoting a new champion).
+    """
+    if not ref.startswith("models:/") or "@" not in ref:
+        return ref
+    name, _, alias = ref.removeprefix("models:/").rstrip("/").rpartition("@")
+    if not name or not alias or "/" in alias:
+        raise InputError(ref, "not a registry alias reference (expected models:/NAME@ALIAS)")
+    from mlflow.tracking import MlflowClient
+
+    from medseg.tracking import bounded_http
+
+    try:
+        with bounded_http():  # an unreachable server fails in seconds, not after MLflow's minutes of retries
+            version = MlflowClient(tracking_uri=tracking_uri).get_model_version_by_alias(name, alias).version
+    except Exception as e:
+        raise InputError(
+            ref,
+            f"cannot resolve alias {alias!r} of model {name!r} in MLflow ({e.__class__.__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''})",
+        ) from None
+    return f"models:/{name}/{version}"
+
+
 def find_package_dir(path: Path) -> Path:
     """The package folder at or under ``path`` (package itself, run folder, or MLflow model folder)."""
     for cand in (path, path / "model", path / "artifacts" / "model", path / "model" / "artifacts" / "model"):
@@ -176,9 +233,10 @@ def find_package_dir(path: Path) -> Path:
 def load_package(ref: str | Path, tracking_uri: str | None = None) -> ModelPackage:
     """Load a package from a folder, a run folder or an MLflow URI."""
     ref_s = str(ref)
+    resolved = resolve_model_alias(ref_s, tracking_uri)  # models:/NAME@ALIAS -> models:/NAME/VERSION
     path = (
-        _download_mlflow(ref_s, tracking_uri)
-        if ref_s.startswith(("models:/", "runs:/", "mlflow-artifacts:/"))
+        _download_mlflow(resolved, tracking_uri)
+        if resolved.startswith(("models:/", "runs:/", "mlflow-artifacts:/"))
         else Path(ref_s)
     )
     if not path.exists():
@@ -189,4 +247,41 @@ def load_package(ref: str | Path, tracking_uri: str | None = None) -> ModelPacka
         meta = json.loads((pkg / METADATA).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(pkg / METADATA, f"unreadable model card ({e.__class__.__name__})") from None
-    return ModelPackage(pkg, cfg, meta)
+    if not isinstance(meta, dict):
+        raise InputError(pkg / METADATA, "unreadable model card (not a JSON object)")
+    check_card(meta, cfg, pkg)
+    return ModelPackage(pkg, cfg, meta, resolved_ref=resolved if resolved != ref_s else None)
+
+
+def check_card(meta: dict[str, Any], cfg: Config, pkg: Path) -> None:
+    """The model card's label map fits its ``num_classes`` (distinct values, 0 the lowest and ``num_classes - 1`` the
+    highest, as ``Manifest.num_classes`` counts them), and the card agrees with ``config.yaml``:
+    the preprocessing it records (spacing, orientation, intensity, window) and ``data.class_ratios`` (one per
+    class). A package assembled from two trainings, or edited by hand, is an ``InputError`` naming the file."""
+    card = pkg / METADATA
+    try:
+        labels = {str(k): int(v) for k, v in meta["labels"].items()}
+        n = int(meta["num_classes"])
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        raise InputError(card, f"no valid label map and num_classes ({e.__class__.__name__})") from None
+    values = sorted(labels.values())
+    if not values or len(set(values)) != len(values) or values[0] != 0 or values[-1] != n - 1:
+        raise InputError(
+            card, f"label map {labels} does not fit num_classes {n} (distinct values from background 0 to {n - 1})"
+        )
+    ratios = cfg.data.class_ratios
+    if ratios is not None and len(ratios) != n:
+        raise InputError(
+            pkg / CONFIG, f"data.class_ratios has {len(ratios)} entries, the model card's label map {n} classes"
+        )
+    recorded = {
+        "spacing": list(cfg.data.spacing) if cfg.data.spacing else None,
+        "orientation": cfg.data.orientation,
+        "intensity": cfg.data.intensity.model_dump(),
+        "roi_size": list(cfg.roi_size),
+    }
+    for key, value in recorded.items():  # json round trip: tuples and lists, ints and floats compare as written
+        if key in meta and json.loads(json.dumps(meta[key])) != json.loads(json.dumps(value)):
+            raise InputError(
+                card, f"{key} {meta[key]} disagrees with config.yaml ({value}); the package mixes two models"
+            )

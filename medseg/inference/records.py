@@ -106,11 +106,21 @@ def remove_stale_temps(out_dir: Path, cases: list[InputCase]) -> int:
 
 
 def model_identity(package: ModelPackage, ref: str | None = None) -> dict[str, Any]:
-    """Name and version of the model: from the model card, an MLflow ``models:/NAME/VERSION`` ref, or the run."""
+    """Name and version of the model: from the model card, an MLflow ``models:/NAME/VERSION`` ref, or the run.
+
+    A ``models:/NAME@ALIAS`` ref records the version the alias pointed at when the package was loaded
+    (``package.resolved_ref``), and the alias itself under ``alias``.
+    """
     meta = package.metadata
     name, version = meta.get("name"), meta.get("version")
+    alias = None
     if ref and str(ref).startswith("models:/"):
-        parts = str(ref)[len("models:/") :].split("/")
+        body = str(ref)[len("models:/") :].rstrip("/")
+        if "@" in body:  # an alias names no version: the one it resolved to does
+            body, _, alias = body.rpartition("@")
+            resolved = package.resolved_ref or ""
+            body = resolved[len("models:/") :] if resolved.startswith(f"models:/{body}/") else body
+        parts = body.split("/")
         name = name or parts[0]
         version = version or (parts[1] if len(parts) > 1 else None)
     name = name or package.config.tracking.registered_model_name or meta.get("dataset") or package.path.name
@@ -128,6 +138,7 @@ def model_identity(package: ModelPackage, ref: str | None = None) -> dict[str, A
         "run_id": meta.get("run_id"),
         "dataset": meta.get("dataset"),
         "epoch": meta.get("epoch"),
+        **({"alias": alias} if alias else {}),
     }
 
 
