@@ -3,7 +3,7 @@
 The kernel releases a ``flock`` when its holder exits, however it exits (``kill -9`` included), so a lock file
 left behind never blocks the next run: only a live holder does. The PID in the file is for the message. On a
 shared volume the lock holds across machines only where the filesystem's flock does (local disks, NFSv4,
-CephFS). (``pipelines.nightly_predict`` keeps its own lock, whose message speaks of nightly runs.)
+CephFS). Both pipelines (``nightly_predict``, ``train_evaluate_register``) lock their output folder with it.
 """
 
 from __future__ import annotations

@@ -11,17 +11,16 @@ second run on the same folder and shard: it exits 2 with a message saying so. Ex
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from medseg.errors import ConfigError, MedsegError
+from pipelines import locking
+from pipelines.locking import LockedError
 
 
 class NightlyConfig(BaseModel):
@@ -46,35 +45,14 @@ class UsageError(MedsegError):
     """The config file or its values are wrong (exit 2)."""
 
 
-class LockedError(RuntimeError):
-    """Another run holds the lock on this output folder."""
-
-
 def lock_path(output: Path, shard: tuple[int, int] | None) -> Path:
     """The lock file of a run on ``output`` (one per shard, so shards of one batch run side by side)."""
     return Path(output) / (f".nightly-{shard[0]}of{shard[1]}.lock" if shard else ".nightly.lock")
 
 
-@contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
+def exclusive_lock(path: Path) -> contextlib.AbstractContextManager[None]:
     """Hold an exclusive ``flock`` on ``path`` (released by the kernel even if the process is killed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
-            raise LockedError(f"{path.parent}: another nightly run (pid {holder}) is writing to this output folder; "
-                              f"not starting a second one (lock {path.name})") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return locking.exclusive_lock(path, what="nightly run")
 
 
 def load_nightly_config(path: Path) -> NightlyConfig:

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from hypothesis import settings as hypothesis_settings
+
 from tests.helpers import MEDSEG, REPO, SHARED_DATA, run_cli  # noqa: F401  (re-exported: older imports)
+
+# Property tests are reproducible in CI (the same examples every run, no example database in a fresh clone);
+# HYPOTHESIS_PROFILE=explore searches anew with more examples.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+hypothesis_settings.register_profile("explore", max_examples=500)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def _free_port() -> int:

@@ -80,12 +80,14 @@ def test_label_saved_like_a_reference_overlays_it(
     assert np.array_equal(label.affine, reference.affine)  # bit-exact: the header geometry is copied
     (sform, scode), (ref_sform, ref_scode) = label.get_sform(coded=True), reference.get_sform(coded=True)
     assert int(scode) == int(ref_scode) and np.array_equal(sform, ref_sform)
-    # The qform is set again from its matrix, so nibabel re-derives the quaternion: equal to ~1 ulp (3e-16
-    # measured, e.g. for the rotation [[1, 2, -2], [-2, -1, -2], [2, -2, -1]] / 3), not bit for bit.
+    # The qform is set again from its matrix, so nibabel re-derives the quaternion, which NIfTI stores as float32:
+    # equal to float32 precision (6e-8 measured for an improper symmetric rotation; 3e-16 for most), not bit for
+    # bit. The sform, which medseg reads, is exact (above).
     (qform, qcode), (ref_qform, ref_qcode) = label.get_qform(coded=True), reference.get_qform(coded=True)
-    assert int(qcode) == int(ref_qcode) and np.allclose(qform, ref_qform, rtol=0, atol=1e-12)
+    assert int(qcode) == int(ref_qcode) and np.allclose(qform, ref_qform, rtol=0, atol=1e-6)
     stored = read_array(label, out)
-    assert stored.dtype == (np.uint16 if many else np.uint8) and np.array_equal(stored, labels)
+    # uint16 only when a value needs it (a small array drawn from 300 labels may still hold none above 255)
+    assert stored.dtype == (np.uint16 if labels.max() > 255 else np.uint8) and np.array_equal(stored, labels)
     assert np.allclose(voxel_spacing(label.affine), np.linalg.norm(affine[:3, :3], axis=0), rtol=1e-6)
     ijk = np.argwhere(np.ones(shape, bool))  # every voxel centre maps to the same world point in both files
     assert np.array_equal(nib.affines.apply_affine(label.affine, ijk), nib.affines.apply_affine(reference.affine, ijk))
