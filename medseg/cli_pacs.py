@@ -42,7 +42,6 @@ pacs_app = typer.Typer(
 
 INPUT_DIR, STAGING_DIR = "pacs_input", ".incoming"
 SENT_RECORD = "pacs_sent.json"
-SEND_SUFFIXES = (".seg.dcm", ".rtstruct.dcm")
 
 
 class DicomOutput(str, Enum):
@@ -162,13 +161,15 @@ def send_results(pacs: DicomWebPacs, output: Path, case_ids: Sequence[str]) -> t
 
 def dicom_outputs(output: Path, case_ids: Sequence[str]) -> list[str]:
     """File names of the DICOM objects to send that the finished cases' JSON records list (and that exist)."""
+    from medseg.inference.records import DICOM_OUTPUT_SUFFIXES  # the DICOM-SEG and RTSTRUCT a case may leave
+
     names = []
     for cid in case_ids:
         try:
             outputs = json.loads((output / f"{cid}.json").read_text()).get("outputs") or []
         except (OSError, json.JSONDecodeError, AttributeError):
             continue
-        names += [n for n in outputs if str(n).endswith(SEND_SUFFIXES) and (output / n).is_file()]
+        names += [n for n in outputs if str(n).endswith(DICOM_OUTPUT_SUFFIXES["both"]) and (output / n).is_file()]
     return names
 
 

@@ -29,8 +29,6 @@ SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.66.7": "seg",  # Label Map Segmentation Storage
 }
 MODALITIES = {"RTSTRUCT": "rtstruct", "SEG": "seg"}
-# Series of these modalities are never image series, whatever the folder scan returns.
-NON_IMAGE_MODALITIES = frozenset({"RTSTRUCT", "SEG", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "PR", "KO", "REG", "DOC"})
 _FIRST_PASS_TAGS = ["Modality", "SOPClassUID", "PatientName", "PatientID", "PatientBirthDate", "AccessionNumber"]
 REDACTED = "<redacted>"
 
@@ -94,7 +92,7 @@ def scan_image_series(root: Path) -> SeriesScan:
     RTSTRUCT or slice) are reported in ``broken``, and a series whose folder holds one is left out."""
     scan = scan_dicom_folder(Path(root))
     broken = [InputError(path, cause) for path, cause in scan.unreadable]
-    series = [s for s in scan.series if s.modality.upper() not in NON_IMAGE_MODALITIES and not s.unreadable]
+    series = [s for s in scan.series if not s.unreadable]  # the scan lists non-image objects apart, never as series
     return SeriesScan(series, len(scan.skipped), broken)
 
 

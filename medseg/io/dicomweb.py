@@ -29,19 +29,8 @@ from dicomweb_client.api import DICOMwebClient
 
 from medseg.errors import InputError, MedsegError
 from medseg.io.dicom_case_ids import uid_hash
+from medseg.io.dicom_headers import NON_IMAGE_MODALITIES, NON_IMAGE_SOP_PREFIXES
 
-# Series that are not images to segment, by Modality (the QIDO-RS series attribute) ...
-NON_IMAGE_MODALITIES = frozenset(
-    {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "PR", "KO", "REG", "DOC", "FID", "RWV", "PLAN"}
-)
-# ... or by the SOP class of their first instance (a SEG filed under the source modality, say).
-NON_IMAGE_SOP_PREFIXES = (
-    "1.2.840.10008.5.1.4.1.1.66",  # raw data, registration, fiducials, SEG, surface SEG
-    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports, key object selection
-    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
-    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated PDF/CDA/STL
-    "1.2.840.10008.5.1.4.1.1.481.",  # RT dose, structure set, plans, records
-)
 # WADO-RS in the transfer syntax the PACS holds (the client's default, Explicit VR Little Endian, would make
 # the server decompress every image; the series reader decodes JPEG / JPEG 2000 / RLE itself)
 AS_STORED = (("application/dicom", "*"),)
@@ -72,7 +61,8 @@ class RemoteSeries:
 
     @property
     def is_image(self) -> bool:
-        """False for SEG, RTSTRUCT, SR, PR, KO, ... (by Modality or by the SOP class of an instance)."""
+        """False for SEG, RTSTRUCT, SR, PR, KO, ... (by Modality, or by the SOP class of an instance: a SEG filed
+        under the source modality, say), by the same rules as ``dicom_headers.non_image_reason``."""
         return self.modality.upper() not in NON_IMAGE_MODALITIES and not self.sop_class_uid.startswith(
             NON_IMAGE_SOP_PREFIXES
         )
