@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-
 from hypothesis import settings as hypothesis_settings
 
-from tests.helpers import MEDSEG, REPO, SHARED_DATA, run_cli  # noqa: F401  (re-exported: older imports)
+from tests.helpers import MEDSEG, REPO, SHARED_DATA, MlflowServer, run_cli  # noqa: F401  (re-exported: older imports)
 
 # Property tests are reproducible in CI (the same examples every run, no example database in a fresh clone);
 # HYPOTHESIS_PROFILE=explore searches anew with more examples.
@@ -24,44 +18,13 @@ hypothesis_settings.register_profile("explore", max_examples=500)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Start ``mlflow server`` (SQLite backend, served artifacts) on 127.0.0.1; yield its URI."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    cmd = [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts"]
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-    yield uri
-    os.killpg(proc.pid, 15)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-    log.close()
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    server.start()
+    yield server.uri
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,9 @@
 - the "oracle" volume network and the mask it must produce: ``oracle_model``, ``expected_mask``
   (``LOWER``/``UPPER``: the CT window of the phantom preset the oracle's thresholds assume);
 - a tiny model package from the phantom preset: ``phantom_package``;
-- phantom scans copied into a folder of plain NIfTI files: ``copy_phantom_scans``.
+- phantom scans copied into a folder of plain NIfTI files: ``copy_phantom_scans``;
+- real servers on 127.0.0.1: ``free_port``, ``MlflowServer`` (an ``mlflow server`` that can be stopped and
+  started again on the same port and store).
 
 Fixtures stay in ``conftest.py``; 2D image datasets are drawn by ``tests.images2d_data``.
 """
@@ -13,8 +15,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -89,3 +95,53 @@ def copy_phantom_scans(manifest_path: Path, folder: Path, names: Mapping[int, st
     for i, name in names.items():
         shutil.copy(images[i], folder / name)
     return folder
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real ``mlflow server`` (SQLite backend store, served artifacts) under ``root`` on a fixed free port;
+    ``start`` waits for ``/health``, ``stop`` ends it; it can be started again on the same port and store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        if self.proc is not None:
+            return
+        cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+               "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts"]
+        with open(self.root / "server.log", "a") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+                                         start_new_session=True)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None

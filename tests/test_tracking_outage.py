@@ -11,13 +11,9 @@ import json
 import logging
 import os
 import re
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -36,7 +32,7 @@ from medseg.engine.trainer import Trainer
 from medseg.io.manifest import load_manifest
 from medseg.io.tracking_spool import SPOOL_NAME, SpoolingTracker, TrackingSpool, sync_spool
 from medseg.tracking import HTTP_SETTINGS, MlflowTracker, bounded_http
-from tests.helpers import run_cli
+from tests.helpers import MlflowServer, free_port, run_cli
 
 TINY = [
     "data.patch_size=[16, 16, 8]",
@@ -52,69 +48,10 @@ TINY = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`mlflow server` on a fixed port and SQLite backend store, stopped and started again by the tests."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.port = root, _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        if self.proc is not None:
-            return
-        mlflow_bin = Path(sys.executable).parent / "mlflow"
-        cmd = [
-            str(mlflow_bin),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(self.root / "artifacts"),
-            "--serve-artifacts",
-        ]
-        log = open(self.root / "server.log", "a")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True)
-        log.close()
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise AssertionError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     """The module's server, not started: each test starts or stops it (a start costs ~10 s, so they are few)."""
-    srv = Server(tmp_path_factory.mktemp("outage_server"))
+    srv = MlflowServer(tmp_path_factory.mktemp("outage_server"))
     yield srv
     srv.stop()
 
@@ -137,7 +74,7 @@ def test_medseg_calls_use_bounded_retries_and_keep_what_the_user_set(
     # Against a port nobody listens on: one retry, then an error in well under a second (MLflow's own
     # defaults, 7 retries with back-off, take minutes here).
     caplog.set_level(logging.WARNING, logger="urllib3")
-    dead = MlflowTracker(f"http://127.0.0.1:{_free_port()}", "nowhere")
+    dead = MlflowTracker(f"http://127.0.0.1:{free_port()}", "nowhere")
     t0 = time.monotonic()
     with pytest.raises(MlflowException, match="Max retries exceeded"):
         dead.start(run_name="x")
@@ -164,7 +101,7 @@ def test_spool_file_records_acknowledgements_and_a_cut_last_line(tmp_path: Path)
 
 
 def test_run_started_with_server_down_trains_and_runs_sync_sends_it_once(
-    server: Server, tiny_phantom: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    server: MlflowServer, tiny_phantom: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     name = f"down-{uuid.uuid4().hex[:8]}"
     server.stop()
@@ -215,7 +152,7 @@ def test_run_started_with_server_down_trains_and_runs_sync_sends_it_once(
     assert [v.run_id for v in client.search_model_versions(f"name = '{name}'")] == [run_id]
 
 
-def test_a_step_already_on_the_server_is_not_sent_again(server: Server, tmp_path: Path) -> None:
+def test_a_step_already_on_the_server_is_not_sent_again(server: MlflowServer, tmp_path: Path) -> None:
     # A batch whose reply was lost (sent, then spooled) and epochs replayed on a resume during an outage: the
     # spooled copy of a step the server has is acknowledged, not sent.
     server.start()
@@ -234,7 +171,7 @@ def test_a_step_already_on_the_server_is_not_sent_again(server: Server, tmp_path
 class OutageTrainer(Trainer):
     """Stops the server before epoch ``down`` and starts it again before epoch ``up`` (not timed); times epochs."""
 
-    def __init__(self, *args, server: Server, down: int, up: int, **kwargs) -> None:
+    def __init__(self, *args, server: MlflowServer, down: int, up: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.server, self.down, self.up, self.seconds = server, down, up, {}
 
@@ -250,7 +187,7 @@ class OutageTrainer(Trainer):
 
 
 def test_server_stopped_mid_training_every_epoch_arrives_once(
-    server: Server,
+    server: MlflowServer,
     tiny_phantom: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,

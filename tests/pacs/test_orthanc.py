@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,19 +24,13 @@ import pytest
 import requests
 
 from medseg.io.dicomweb import DicomWebPacs, PacsError, RemoteSeries, study_name
-from tests.helpers import MEDSEG, SHARED_DATA, phantom_package, run_cli
+from tests.helpers import MEDSEG, SHARED_DATA, free_port, phantom_package, run_cli
 
 ORTHANC_BIN = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.access("/usr/sbin/Orthanc", os.X_OK) else None)
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian's orthanc-dicomweb
 STUDY3 = SHARED_DATA / "dicom_mr_series" / "Study3"
 SERIES = ("11-T1post-18670", "11_HCropVolume")  # one study, two series (62 instances)
 
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (127.0.0.1)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Orthanc:
