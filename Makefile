@@ -18,32 +18,34 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# System packages for the PACS tests (tests/pacs): Orthanc and its DICOMweb plugin from Debian. Installed only
-# when missing and we are root with apt-get; otherwise this says what is missing and those tests skip. A
-# temporary policy-rc.d (exit 101) keeps the package's post-install from starting a system Orthanc (which
-# would fail in a container without systemd); the tests start their own Orthanc on free local ports.
-ORTHANC_PACKAGES := orthanc orthanc-dicomweb
+# System packages some tests need, from Debian: Orthanc and its DICOMweb plugin (the PACS tests, tests/pacs) and
+# Chromium (the MLflow UI browser test, tests/test_mlflow_ui.py). Installed only when missing and we are root
+# with apt-get; otherwise this says what is missing and those tests skip. A temporary policy-rc.d (exit 101)
+# keeps the package's post-install from starting a system Orthanc (which would fail in a container without
+# systemd); the tests start their own Orthanc on free local ports.
+SYSTEM_PACKAGES := orthanc orthanc-dicomweb chromium
 ORTHANC_PLUGIN := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
-HAVE_ORTHANC = { command -v Orthanc || [ -x /usr/sbin/Orthanc ]; } >/dev/null 2>&1 && [ -e $(ORTHANC_PLUGIN) ]
-APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(ORTHANC_PACKAGES)
+HAVE_SYSTEM_PACKAGES = { command -v Orthanc || [ -x /usr/sbin/Orthanc ]; } >/dev/null 2>&1 && [ -e $(ORTHANC_PLUGIN) ] \
+  && command -v chromium >/dev/null 2>&1
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES)
 
 setup-system:
-	@if $(HAVE_ORTHANC); then \
-	  echo "setup-system: Orthanc and its DICOMweb plugin are installed"; \
+	@if $(HAVE_SYSTEM_PACKAGES); then \
+	  echo "setup-system: Orthanc, its DICOMweb plugin and Chromium are installed"; \
 	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "setup-system: Orthanc or $(ORTHANC_PLUGIN) missing; the PACS tests will skip" \
-	    "(as root on Debian: apt-get install $(ORTHANC_PACKAGES))"; \
+	  echo "setup-system: Orthanc, $(ORTHANC_PLUGIN) or chromium missing; the PACS / browser tests will skip" \
+	    "(as root on Debian: apt-get install $(SYSTEM_PACKAGES))"; \
 	else \
-	  echo "setup-system: installing $(ORTHANC_PACKAGES)"; \
+	  echo "setup-system: installing $(SYSTEM_PACKAGES)"; \
 	  created=; \
 	  if [ ! -e /usr/sbin/policy-rc.d ]; then \
 	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && created=1; \
 	  fi; \
 	  trap '[ -z "$$created" ] || rm -f /usr/sbin/policy-rc.d' EXIT; \
-	  apt-cache show $(ORTHANC_PACKAGES) >/dev/null 2>&1 || apt-get update -q >/dev/null || exit 1; \
+	  apt-cache show $(SYSTEM_PACKAGES) >/dev/null 2>&1 || apt-get update -q >/dev/null || exit 1; \
 	  $(APT_INSTALL) >/dev/null || { apt-get update -q >/dev/null && $(APT_INSTALL) >/dev/null; } || exit 1; \
 	  if [ -d /run/systemd/system ]; then systemctl disable --now orthanc >/dev/null 2>&1 || true; fi; \
-	  $(HAVE_ORTHANC) || { echo "setup-system: installed, but Orthanc or $(ORTHANC_PLUGIN) is missing"; exit 1; }; \
+	  $(HAVE_SYSTEM_PACKAGES) || { echo "setup-system: installed, but Orthanc, $(ORTHANC_PLUGIN) or chromium is missing"; exit 1; }; \
 	  echo "setup-system: installed $$(/usr/sbin/Orthanc --version | head -n 1)"; \
 	fi
 

@@ -143,7 +143,11 @@ class TrainConfig(_Strict):
     early_stopping_patience: int | None = Field(default=None, ge=1)
     grad_accumulation: int = Field(default=1, ge=1)
     hd95_every: int = Field(default=5, ge=0, description="per-organ HD95 (mm) every k epochs at validation; 0: never")
-    overlay_cases: int = Field(default=3, ge=0, description="validation cases drawn as PNG overlays of the best epoch")
+    overlay_cases: int = Field(
+        default=3,
+        ge=0,
+        description="validation cases drawn as PNG overlays of the best epoch: the first N of the split and the N with the lowest mean Dice",
+    )
     num_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op CPU threads; None keeps torch's default"
     )
@@ -156,6 +160,10 @@ class TrackingConfig(_Strict):
     uri: str | None = None
     experiment: str = "medseg"
     registered_model_name: str | None = None
+    system_metrics: bool = Field(
+        default=False, description="log MLflow system metrics (CPU, memory, disk, network, GPU) during training"
+    )
+    system_metrics_interval_s: float = Field(default=10.0, ge=0.5, description="seconds between system samples")
 
 
 class Config(_Strict):

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from medseg.config import TrackingConfig
 from medseg.errors import MedsegError
 from medseg.io.atomic import write_text_atomic
+from medseg.io.metric_names import mlflow_key
 
 log = logging.getLogger("medseg.tracking")
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
@@ -269,7 +270,10 @@ class MlflowTracker:
         """One ``log_batch`` of several steps' metrics: ``(metrics, step, timestamp in ms)`` each."""
         from mlflow.entities import Metric
 
-        metrics = [Metric(k, float(v), ts, step) for values, step, ts in entries for k, v in finite(values).items()]
+        # flat names get their UI section here, the one place metrics reach MLflow (medseg.io.metric_names)
+        metrics = [
+            Metric(mlflow_key(k), float(v), ts, step) for values, step, ts in entries for k, v in finite(values).items()
+        ]
         self.client.log_batch(self._run, metrics=metrics)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -280,7 +284,7 @@ class MlflowTracker:
             self.client.log_artifact(self._run, str(path), artifact_path)
 
     def logged_steps(self, key: str) -> set[int]:
-        return {int(m.step) for m in self.client.get_metric_history(self._run, key)}
+        return {int(m.step) for m in self.client.get_metric_history(self._run, mlflow_key(key))}
 
     def log_dataset(self, dataset: dict[str, Any], context: str = "training") -> None:
         """Log a dataset input (``dataset``: the fields of ``mlflow.entities.Dataset``, e.g. from

@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 from mlflow.tracking import MlflowClient
 
+from medseg.io.metric_names import mlflow_key
 from tests.conftest import run_cli
 
 ORGANS = ("liver", "spleen", "kidney")
@@ -37,11 +38,11 @@ def test_train_predict_evaluate_with_mlflow_server(tmp_path: Path, mlflow_server
     assert run.info.status == "FINISHED"
     for organ in ORGANS:
         for metric in ("dice", "iou"):
-            hist = client.get_metric_history(run_id, f"val_{metric}_{organ}")
+            hist = client.get_metric_history(run_id, mlflow_key(f"val_{metric}_{organ}"))
             assert [m.step for m in hist] == list(range(EPOCHS)), (organ, metric)
             assert all(0.0 <= m.value <= 1.0 for m in hist)
-    assert len(client.get_metric_history(run_id, "train_loss")) == EPOCHS
-    assert len(client.get_metric_history(run_id, "val_dice_mean")) == EPOCHS
+    assert len(client.get_metric_history(run_id, mlflow_key("train_loss"))) == EPOCHS
+    assert len(client.get_metric_history(run_id, mlflow_key("val_dice_mean"))) == EPOCHS
     params = run.data.params
     assert params["train.epochs"] == str(EPOCHS) and params["model.name"] == "unet"
     assert params["model.params.channels"] == "[8, 16, 32, 64]"

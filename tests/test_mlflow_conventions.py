@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def env_run(tiny_phantom: Path, mlflow_server: str, tmp_path_factory: pytest.Tem
             *TRAIN,
             f"tracking.experiment={experiment}",
             f"tracking.registered_model_name={name}",
+            "tracking.system_metrics=true",
+            "tracking.system_metrics_interval_s=0.5",
         ],
         cwd=work,
         env={"MLFLOW_TRACKING_URI": mlflow_server},
@@ -139,8 +142,15 @@ def test_predict_and_evaluate_follow_the_environment(env_run: dict, predicted: d
     )
     assert "outputs:" in e.stdout
     metrics = env_run["client"].get_run(env_run["run_id"]).data.metrics
-    assert any(k.startswith("eval_dice_") for k in metrics)
+    assert any(k.startswith("eval_dice/") for k in metrics)
     assert not (work / "mlflow.db").exists()
+
+
+def test_system_metrics_are_logged_when_asked(env_run: dict) -> None:
+    metrics = env_run["client"].get_run(env_run["run_id"]).data.metrics  # tracking.system_metrics=true
+    assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+    steps = env_run["client"].get_metric_history(env_run["run_id"], "system/cpu_utilization_percentage")
+    assert steps and all(0 <= m.value <= 100 * os.cpu_count() for m in steps)
 
 
 def test_experiment_kind_is_classic_model_training(env_run: dict, mlflow_server: str) -> None:
@@ -197,3 +207,44 @@ def test_pyfunc_model_predicts_like_medseg_predict(env_run: dict, predicted: dic
         assert labels.shape == want.shape and np.array_equal(labels, want)
     together = model.predict(paths)  # a list of paths: one label map each
     assert len(together) == len(val) and all(np.array_equal(a, b) for a, b in zip(together, expected))
+
+
+def test_mlflow_models_serve_answers_a_request(env_run: dict, predicted: dict, tmp_path: Path) -> None:
+    """``mlflow models serve`` (this venv: ``--env-manager local``) of the registered model answers an
+    ``/invocations`` request with a NIfTI path with the same label map as ``medseg predict`` wrote."""
+    import urllib.request
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    venv_bin = str(Path(MEDSEG[0]).parent)  # the server starts `uvicorn` by name: the venv as if activated
+    base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    base["PATH"] = f"{venv_bin}{os.pathsep}{base.get('PATH', '')}"
+    mlflow_cli = str(Path(venv_bin) / "mlflow")
+    server = subprocess.Popen(
+        [mlflow_cli, "models", "serve", "-m", f"models:/{env_run['model_name']}/1", "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=tmp_path, env={**base, "MLFLOW_TRACKING_URI": env_run["uri"]},
+        stdout=(tmp_path / "serve.log").open("w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):  # the model is downloaded and loaded first
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if urllib.request.urlopen(f"{url}/ping", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        manifest = json.loads(env_run["manifest"].read_text())
+        case = next(c for c in manifest["training"] if c["split"] == "val")
+        body = json.dumps({"inputs": [str(env_run["manifest"].parent / case["image"])]}).encode()
+        request = urllib.request.Request(f"{url}/invocations", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            answer = json.loads(response.read())
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    want = np.asanyarray(nib.load(predicted["preds"] / f"{case['id']}.nii.gz").dataobj)
+    got = np.asarray(answer["predictions"])
+    assert want.any() and got.shape == want.shape and np.array_equal(got, want)

@@ -91,3 +91,18 @@ def test_cli_table_and_run_selection(two_runs: dict, tmp_path: Path) -> None:
         "runs", "compare", "--experiment", "no-such-exp", "--tracking-uri", two_runs["uri"], cwd=tmp_path, check=False
     )
     assert missing.returncode != 0 and "no MLflow experiment named 'no-such-exp'" in missing.stdout + missing.stderr
+
+
+def test_a_run_logged_with_the_old_flat_names_is_read_alike(mlflow_server: str) -> None:
+    """Runs logged before metric sections (``val_dice_liver``, no ``best_epoch`` tag) still compare."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client, experiment = MlflowClient(tracking_uri=mlflow_server), f"old-names-{uuid.uuid4().hex[:8]}"
+    run = client.create_run(client.create_experiment(experiment), run_name="old")
+    values = {0: {"val_dice_mean": 0.4, "val_dice_liver": 0.5}, 1: {"val_dice_mean": 0.8, "val_dice_liver": 0.9},
+              2: {"val_dice_mean": 0.6, "val_dice_liver": 0.7}}
+    client.log_batch(run.info.run_id, metrics=[Metric(k, v, 0, step) for step, m in values.items() for k, v in m.items()])
+    client.set_terminated(run.info.run_id)
+    (row,) = collect_runs(experiment, ["dice"], uri=mlflow_server)
+    assert row.best_epoch == 1 and row.metrics == {"dice_liver": 0.9, "dice_mean": 0.8}

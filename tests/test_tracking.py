@@ -19,6 +19,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from medseg.config import TrackingConfig
+from medseg.io.metric_names import mlflow_key
 from medseg.tracking import MlflowTracker, NullTracker, make_tracker
 from tests.conftest import run_cli
 
@@ -47,16 +48,19 @@ def _download_text(client: MlflowClient, run_id: str, path: str, dst: Path) -> b
 
 def test_per_epoch_metrics_by_organ_name_and_hd95_every_k(tracked_run: dict) -> None:
     client, run_id = tracked_run["client"], tracked_run["run_id"]
+    logged = set(client.get_run(run_id).data.metrics)  # grouped into the UI's sections by the part before "/"
+    assert {"val_dice/liver", "val_iou/spleen", "val_hd95/kidney", "loss/train", "loss/val", "train/lr"} <= logged
+    assert not {"val_dice_liver", "train_loss"} & logged
     for organ in (*ORGANS, "mean"):
         for metric in ("dice", "iou"):
-            hist = client.get_metric_history(run_id, f"val_{metric}_{organ}")
+            hist = client.get_metric_history(run_id, mlflow_key(f"val_{metric}_{organ}"))
             assert sorted(m.step for m in hist) == list(range(EPOCHS)) and all(0 <= m.value <= 1 for m in hist)
-        hd = client.get_metric_history(run_id, f"val_hd95_{organ}")  # hd95_every=2: only at epoch 2 (step 1)
+        hd = client.get_metric_history(run_id, mlflow_key(f"val_hd95_{organ}"))  # hd95_every=2: only at epoch 2 (step 1)
         assert [m.step for m in hd] == [1] and hd[0].value > 0
     for key in ("train_loss", "val_loss", "lr", "time_data_fraction"):
-        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(EPOCHS)), key
+        assert sorted(m.step for m in client.get_metric_history(run_id, mlflow_key(key))) == list(range(EPOCHS)), key
     # the logged value is the mean over the val cases of the per-case HD95 (mm) in the best-epoch table
-    hd_liver = client.get_metric_history(run_id, "val_hd95_liver")[0].value
+    hd_liver = client.get_metric_history(run_id, mlflow_key("val_hd95_liver"))[0].value
     rows = list(csv.DictReader((tracked_run["run_dir"] / "val_cases_best.csv").open()))
     assert abs(np.nanmean([float(r["hd95_liver"]) for r in rows]) - hd_liver) < 1e-6
 
@@ -83,7 +87,8 @@ def test_artifacts_config_manifest_plots_and_best_case_metrics(tracked_run: dict
     manifest = json.loads(_download_text(client, run_id, "data/manifest.json", tmp_path))
     val_ids = sorted(c["id"] for c in manifest["training"] if c["split"] == "val")
     plots = {a.path for a in client.list_artifacts(run_id, "plots")}
-    assert plots == {"plots/learning_curve.png", "plots/val_overlay_00.png", "plots/val_overlay_01.png"}
+    assert plots == {"plots/learning_curve.png", "plots/val_overlay_00.png", "plots/val_overlay_01.png",
+                     "plots/val_worst_1.png", "plots/val_worst_2.png"}  # overlay_cases=2: the first 2, the worst 2
     for path in plots:
         assert _download_text(client, run_id, path, tmp_path / "p")[:8] == PNG_MAGIC
     table = _download_text(client, run_id, "metrics/val_cases_best.csv", tmp_path).decode()

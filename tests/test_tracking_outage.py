@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from medseg.config import load_config
 from medseg.engine.trainer import Trainer
 from medseg.io.manifest import load_manifest
+from medseg.io.metric_names import mlflow_key
 from medseg.io.tracking_spool import SPOOL_NAME, SpoolingTracker, TrackingSpool, sync_spool
 from medseg.tracking import HTTP_SETTINGS, MlflowTracker, bounded_http
 from tests.helpers import MlflowServer, free_port, run_cli
@@ -146,7 +147,7 @@ def test_run_started_with_server_down_trains_and_runs_sync_sends_it_once(
     assert run.info.status == "FINISHED" and run.info.run_name == "down" and run.data.params["train.epochs"] == "2"
     assert run.info.start_time < t_synced  # created at the sync, dated when the run trained
     for key in ("train_loss", "val_dice_mean"):
-        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        steps = [m.step for m in client.get_metric_history(run_id, mlflow_key(key))]
         assert sorted(steps) == ([0, 1] if key == "train_loss" else [1]), key
     assert {a.path for a in client.list_artifacts(run_id, "model")} >= {"model/model.pt", "model/config.yaml"}
     assert [v.run_id for v in client.search_model_versions(f"name = '{name}'")] == [run_id]
@@ -164,7 +165,7 @@ def test_a_step_already_on_the_server_is_not_sent_again(server: MlflowServer, tm
     for step in (0, 1, 1):
         spool.append({"op": "metrics", "step": step, "ts": int(time.time() * 1000), "metrics": {"train_loss": 0.4}})
     assert sync_spool(tmp_path) == (3, 0)
-    history = MlflowClient(tracking_uri=server.uri).get_metric_history(tracker.run_id, "train_loss")
+    history = MlflowClient(tracking_uri=server.uri).get_metric_history(tracker.run_id, mlflow_key("train_loss"))
     assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (1, 0.4)]
 
 
@@ -220,7 +221,7 @@ def test_server_stopped_mid_training_every_epoch_arrives_once(
     assert sum("unreachable" in m for m in messages) == 1
     client = MlflowClient(tracking_uri=server.uri)
     for key in ("train_loss", "lr"):
-        assert sorted(m.step for m in client.get_metric_history(result.run_id, key)) == list(range(epochs)), key
+        assert sorted(m.step for m in client.get_metric_history(result.run_id, mlflow_key(key))) == list(range(epochs)), key
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["registered_model"] == f"models:/{name}/1"
     state = TrackingSpool(result.run_dir).read()

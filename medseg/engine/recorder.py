@@ -31,6 +31,7 @@ from medseg.inference.model_package import save_package
 from medseg.inference.pyfunc_model import add_pyfunc_flavour
 from medseg.io.atomic import write_text_atomic
 from medseg.io.manifest import Manifest
+from medseg.io.system_metrics import SystemMetrics
 from medseg.io.tracking_spool import SpoolingTracker
 from medseg.planning.volumes import plans_path_for
 from medseg.runtime.device import Precision
@@ -51,6 +52,7 @@ class RunRecorder:
         self.tracker: Tracker = NullTracker()
         self.commit, self.fingerprint = "", ""
         self.plans: dict[str, Any] | None = None
+        self.system: SystemMetrics | None = None  # tracking.system_metrics: MLflow's sampler, from start to end
 
     def prepare(self, resume: bool) -> None:
         """Create the run folder; a new run also gets ``config.yaml`` and the manifest copy."""
@@ -83,6 +85,8 @@ class RunRecorder:
             self._log_dataset()
         if run_id:
             write_run_id(self.run_dir, run_id)
+        if run_id and self.cfg.tracking.system_metrics and isinstance(tracker, MlflowTracker):
+            self.system = SystemMetrics(tracker.uri, run_id, self.cfg.tracking.system_metrics_interval_s)
 
     def _log_dataset(self) -> None:
         """The manifest as the run's dataset input (spooled with the rest while the server is away)."""
@@ -155,6 +159,15 @@ class RunRecorder:
                 self.run_dir / "plots" / f"val_overlay_{index:02d}.png",
                 title=f"validation case {index}, epoch {epoch + 1}{overlay_note}",
             )
+        for rank, (index, score, image, truth, pred) in enumerate(val.worst, start=1):  # lowest mean Dice first
+            overlay(
+                image,
+                truth,
+                pred,
+                num_classes,
+                self.run_dir / "plots" / f"val_worst_{rank}.png",
+                title=f"worst {rank}: validation case {index}, mean Dice {score:.3f}, epoch {epoch + 1}{overlay_note}",
+            )
 
     def finish(self, history: list[dict[str, float]], labels: list[str], best_epoch: int, best_metric: float) -> None:
         """Learning curve, artifacts, best-epoch tags and the registered model (when configured)."""
@@ -180,7 +193,10 @@ class RunRecorder:
                 log.info("registered model: models:/%s/%s", name, version)
 
     def end(self, status: str) -> None:
-        """Close the MLflow run (FINISHED or FAILED)."""
+        """Close the MLflow run (FINISHED or FAILED), after its system metrics (when they are logged)."""
+        if self.system is not None:
+            self.system.stop()
+            self.system = None
         self.tracker.end(status)
 
 

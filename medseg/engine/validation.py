@@ -10,6 +10,7 @@ the same summary over *all* validation cases.
 
 from __future__ import annotations
 
+import heapq
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,18 @@ class ValResult:
     summary: dict[str, float]
     rows: list[dict[str, Any]]
     views: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    worst: list[tuple[int, float, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    """The lowest-scoring cases (``case_score``), worst first: (index in the split, score, image, truth, pred)."""
+
+
+def case_score(row: Mapping[str, Any]) -> float:
+    """A validation row's mean Dice (``dice_mean`` of an image row, else the mean of its per-organ Dice); a row
+    with none (every organ absent from truth and prediction) counts as perfect, so it is never among the worst."""
+    if "dice_mean" in row:
+        value = float(row["dice_mean"])
+    else:
+        value = nanmean([float(v) for k, v in row.items() if k.startswith("dice_")])
+    return value if np.isfinite(value) else 1.0
 
 
 @dataclass(frozen=True)
@@ -146,20 +159,32 @@ class PixelScorer(Scorer):
 
 @torch.inference_mode()
 def validate(run: CaseInference, cases: Iterable[Mapping[str, Any]], scorer: Scorer, n_views: int = 0) -> ValResult:
-    """Score this rank's ``cases`` (dicts with image, label, id, index) and gather rows and views over ranks."""
+    """Score this rank's ``cases`` (dicts with image, label, id, index) and gather rows and views over ranks.
+
+    Views (slices for overlay figures) are kept for the first ``n_views`` cases of the split and for the
+    ``n_views`` lowest-scoring ones (``case_score``); only those stay in memory, never one per case.
+    """
     run.model.eval()
     rows: list[dict[str, Any]] = []
     views: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+    worst: list[tuple[float, int, View]] = []  # a max-heap by score (negated) of the n_views worst so far
     for item in cases:
         logits, label = run.logits(item)
         row, view = scorer.score(item, logits, label)
         rows.append(row)
-        if int(item["index"]) < n_views:
-            views.append((int(item["index"]), *view))
+        index = int(item["index"])
+        if index < n_views:
+            views.append((index, *view))
+        if n_views:
+            heapq.heappush(worst, (-case_score(row), -index, view))
+            if len(worst) > n_views:
+                heapq.heappop(worst)  # drops the best of the kept ones
     all_rows = [r for part in dist_utils.all_gather_objects(rows) for r in part]
     all_views = sorted((v for part in dist_utils.all_gather_objects(views) for v in part), key=lambda v: v[0])
+    kept = [(-i, -s, *v) for part in dist_utils.all_gather_objects(worst) for s, i, v in part]
+    all_worst = sorted(kept, key=lambda w: (w[1], w[0]))[:n_views]
     summary = scorer.summary(all_rows)
-    return ValResult(summary, [{k: v for k, v in r.items() if k != CM_KEY} for r in all_rows], all_views)
+    return ValResult(summary, [{k: v for k, v in r.items() if k != CM_KEY} for r in all_rows], all_views, all_worst)
 
 
 def summarize_organs(rows: list[dict[str, Any]], organs: list[str], with_hd95: bool) -> dict[str, float]:

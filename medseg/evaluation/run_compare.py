@@ -6,6 +6,8 @@ or stopped before its end) gets the epoch of the highest ``val_dice_mean``, the 
 first of equal values, as the trainer keeps the first). A metric a run did not log at that epoch (HD95 is
 computed every ``train.hd95_every`` epochs only) is shown as ``-``. All values come from the tracking server:
 ``MlflowClient.search_runs``, one ``get_metric_history`` per metric and run; nothing is read from run folders.
+Metric names are read sectioned (``val_dice/liver``) or flat (``val_dice_liver``, runs logged before sections):
+``medseg.io.metric_names``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medseg.errors import MedsegError
+from medseg.io.metric_names import flat_key, metric_history
 from medseg.tracking import MlflowTracker, resolve_tracking_uri
 
 SELECTION_METRIC = "val_dice_mean"  # what the trainer selects the best epoch by (engine/trainer.py)
@@ -40,7 +43,7 @@ def best_epoch(client: Any, run: Any) -> int | None:
     tag = run.data.tags.get("best_epoch")
     if tag is not None and int(tag) >= 0:
         return int(tag)
-    history = client.get_metric_history(run.info.run_id, SELECTION_METRIC)
+    history = metric_history(client, run.info.run_id, SELECTION_METRIC)
     if not history:
         return None
     return min(history, key=lambda m: (-m.value, m.step)).step
@@ -51,13 +54,14 @@ def organ_metrics(client: Any, run: Any, metrics: Sequence[str], epoch: int | No
     out: dict[str, float] = {}
     if epoch is None:
         return out
-    for key in sorted(run.data.metrics):
-        metric = next((m for m in metrics if key.startswith(f"val_{m}_")), None)
-        if metric is None:
+    for key in sorted(run.data.metrics, key=lambda k: "/" not in k):  # sectioned names first: they win
+        flat = flat_key(key)
+        metric = next((m for m in metrics if flat.startswith(f"val_{m}_")), None)
+        if metric is None or flat.removeprefix("val_") in out:
             continue
         at = [m.value for m in client.get_metric_history(run.info.run_id, key) if m.step == epoch]
         if at:
-            out[key.removeprefix("val_")] = float(at[-1])
+            out[flat.removeprefix("val_")] = float(at[-1])
     return out
 
 
@@ -84,7 +88,7 @@ def collect_runs(
             raise MedsegError(f"{tracking_uri}: no run {', '.join(missing)} in experiment {experiment!r}")
         runs = [by_id[i] for i in run_ids]
     else:  # training runs only: evaluation or prediction runs logged here have no validation metrics
-        runs = [r for r in runs if any(k.startswith("val_") for k in r.data.metrics)]
+        runs = [r for r in runs if any(flat_key(k).startswith("val_") for k in r.data.metrics)]
     rows = []
     for run in runs:
         epoch = best_epoch(client, run)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
+from medseg.io.metric_names import mlflow_key
 from tests.conftest import MEDSEG, run_cli
 
 EPOCHS = 4
@@ -96,7 +97,7 @@ def test_sigkill_resume_continues_same_mlflow_run_with_identical_metrics(tiny_ph
     runs = client.search_runs([run.info.experiment_id], filter_string="attributes.run_name = 'killed'")
     assert [r.info.run_id for r in runs] == [run_id]
     for key in ("train_loss", "val_dice_mean", "val_dice_liver", "lr"):
-        hist = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        hist = sorted(client.get_metric_history(run_id, mlflow_key(key)), key=lambda m: m.step)
         assert [m.step for m in hist] == list(range(EPOCHS)), key
         assert [m.value for m in hist] == [float(r[key]) for r in resumed], key
     assert run.data.params["train.epochs"] == str(EPOCHS)

@@ -15,7 +15,6 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from medseg.config import CONFIG_DIR, InferenceConfig, load_config
-from medseg.runtime.device import Precision
 from medseg.engine.trainer import Trainer
 from medseg.engine.validation import CaseInference, PixelScorer, validate
 from medseg.inference.images2d import ImagePredictor
@@ -24,7 +23,9 @@ from medseg.io.images2d import import_voc
 from medseg.io.images2d.common import Pair, build_manifest, write_index_png
 from medseg.io.images2d.voc import VOC_CLASSES
 from medseg.io.manifest import load_manifest
+from medseg.io.metric_names import mlflow_key
 from medseg.losses import LOSSES, build_loss
+from medseg.runtime.device import Precision
 from tests.conftest import run_cli
 from tests.images2d_data import H, W, rgb_for, write_voc
 
@@ -73,13 +74,13 @@ def test_cli_train_logs_image_metrics_to_mlflow(voc_manifest: Path, tmp_path: Pa
         history = list(csv.DictReader(fh))
     names = ["val_pixel_accuracy", "val_miou", "val_dice_mean", *(f"val_{m}_{c}" for m in ("iou", "dice") for c in VOC_CLASSES)]
     for name in names:
-        hist = sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)
+        hist = sorted(client.get_metric_history(run_id, mlflow_key(name)), key=lambda m: m.step)
         assert [m.step for m in hist] == list(range(epochs)), name
         for m, row in zip(hist, history, strict=True):
             csv_value = float(row[name])
             assert (math.isnan(m.value) and math.isnan(csv_value)) or m.value == pytest.approx(csv_value), name
     # every class present in the validation images has a finite IoU in [0, 1]; mIoU is their mean
-    last = {name: sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)[-1].value for name in names}
+    last = {name: sorted(client.get_metric_history(run_id, mlflow_key(name)), key=lambda m: m.step)[-1].value for name in names}
     present = ["background", "bicycle", "person"]  # val images 4 and 5: classes 1 + 4 % 3 = 2 and person (15)
     assert all(0.0 <= last[f"val_iou_{c}"] <= 1.0 for c in present)
     assert 0.0 <= last["val_pixel_accuracy"] <= 1.0

@@ -132,6 +132,25 @@ def test_validate_scores_every_case_with_a_fixed_network() -> None:
     assert not net.training
 
 
+def test_validate_keeps_views_of_the_worst_cases_worst_first() -> None:
+    net = _threshold_net()
+    run = CaseInference(net, net, (4, 4, 4), InferenceConfig(), torch.device("cpu"), Precision(None, False), 2)
+    truth = np.zeros((8, 8, 4), np.uint8)
+    truth[2:6, 2:6, 1:3] = 1  # 32 voxels
+    cases = []
+    for index, dark in enumerate((0, 6, 2, 12, 1)):  # organ voxels darkened per case: false negatives
+        item = _volume_item(f"c{index}", truth, index=index)
+        rows, cols = np.unravel_index(np.arange(dark), (4, 4))
+        item["image"][0, 2 + rows, 2 + cols, 1] = 0.0
+        cases.append(item)
+    result = validate(run, cases, OrganScorer({"organ": 1}, 2, FirstLogitMean()), n_views=2)
+    assert [v[0] for v in result.views] == [0, 1]  # the first two of the split
+    assert [w[0] for w in result.worst] == [3, 1]  # 12 then 6 voxels missed
+    assert result.worst[0][1] == pytest.approx(result.rows[3]["dice_organ"]) and result.worst[0][1] < result.worst[1][1]
+    assert int(result.worst[0][4].sum()) < int(result.worst[1][4].sum())  # each view is its own case's prediction
+    assert validate(run, cases, OrganScorer({"organ": 1}, 2, FirstLogitMean())).worst == []
+
+
 def test_validate_drops_the_confusion_matrix_from_image_rows() -> None:
     net = torch.nn.Conv2d(3, 2, kernel_size=1)
     with torch.no_grad():

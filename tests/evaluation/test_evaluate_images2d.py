@@ -14,13 +14,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from medseg.metrics.confusion import cm_scores
 from medseg.errors import InputError
 from medseg.evaluation.images2d import evaluate_images
 from medseg.io.images2d import import_voc
 from medseg.io.images2d.common import Pair, build_manifest, write_index_png
 from medseg.io.images2d.voc import VOC_CLASSES
 from medseg.io.manifest import load_manifest
+from medseg.io.metric_names import flat_metrics
+from medseg.metrics.confusion import cm_scores
 from tests.conftest import run_cli
 from tests.images2d_data import rgb_for, write_voc
 
@@ -193,7 +194,8 @@ def test_cli_end_to_end_and_mlflow(voc: tuple[Path, dict[str, np.ndarray]], tmp_
 
     run_id = p.stdout.split("mlflow run id:")[1].split()[0]
     run = MlflowClient(tracking_uri=mlflow_server).get_run(run_id)
-    logged = run.data.metrics
+    logged = flat_metrics(run.data.metrics)
+    assert "eval/miou" in run.data.metrics and "eval_iou/person" in run.data.metrics  # sectioned in MLflow
     assert logged["eval_pixel_accuracy"] == pytest.approx(summary["pooled"]["pixel_accuracy"])
     assert logged["eval_miou"] == pytest.approx(summary["pooled"]["miou"])
     for c in ("background", "bicycle", "person"):  # the classes of the two val images

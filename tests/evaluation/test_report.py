@@ -232,8 +232,8 @@ def test_cli_logs_to_mlflow_new_run_and_attached_run(preds: dict[str, Path], tin
     summary = json.loads((out / "summary.json").read_text())
     assert run.info.status == "FINISHED" and run.info.run_name == "evaluation"
     for organ in ORGANS:
-        assert run.data.metrics[f"eval_dice_{organ}_mean"] == pytest.approx(summary["organs"][organ]["dice"]["mean"])
-    assert run.data.metrics["eval_hd95_kidney_n_nan"] == summary["n_cases"] and "eval_hd95_kidney_mean" not in run.data.metrics
+        assert run.data.metrics[f"eval_dice/{organ}_mean"] == pytest.approx(summary["organs"][organ]["dice"]["mean"])
+    assert run.data.metrics["eval_hd95/kidney_n_nan"] == summary["n_cases"] and "eval_hd95/kidney_mean" not in run.data.metrics
     assert run.data.tags["eval.dataset_fingerprint"] == summary["dataset_fingerprint"] == run.data.tags["dataset_fingerprint"]
     files = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert {"evaluation/metrics_per_case.csv", "evaluation/summary.json", "evaluation/plots"} <= files
@@ -254,7 +254,7 @@ def test_cli_logs_to_mlflow_new_run_and_attached_run(preds: dict[str, Path], tin
     assert f"mlflow run id: {train_run}" in p.stdout
     run = client.get_run(train_run)
     assert run.info.status == "FINISHED"  # left as it was
-    assert run.data.metrics["eval_compare_dice_liver_mean_diff"] < 0 and run.data.tags["eval.split"] == "val"
+    assert run.data.metrics["eval_compare_dice/liver_mean_diff"] < 0 and run.data.tags["eval.split"] == "val"
     files = {a.path for a in client.list_artifacts(train_run, "evaluation/val")}
     assert {"evaluation/val/compare.csv", "evaluation/val/compare.json", "evaluation/val/metrics_per_case.csv"} <= files
 

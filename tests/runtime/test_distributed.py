@@ -15,6 +15,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from medseg.io.metric_names import mlflow_key
+
 EPOCHS = 2
 
 
@@ -50,7 +52,7 @@ def test_torchrun_two_processes_gloo(tiny_phantom: Path, tmp_path: Path, mlflow_
     run = runs[0]
     assert run.info.run_id == (run_dir / "mlflow_run_id.txt").read_text().strip()
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_dice_mean")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, mlflow_key("val_dice_mean"))]
     assert steps == list(range(EPOCHS)), "each epoch logged once, not once per rank"
     # the logged value is the mean over all val cases, gathered from both ranks
     best = max(history, key=lambda r: float(r["val_dice_mean"]))
