@@ -79,6 +79,7 @@ def train(
     """Train a model from a preset; checkpoints every epoch; the best model is packaged in RUN/model."""
     from medseg.components import check_components, load_checked_config
     from medseg.config import config_from_yaml_text
+    from medseg.engine.stop_signal import EXIT_CODE, TrainingStopped
     from medseg.engine.trainer import Trainer
     from medseg.io.manifest import load_manifest
 
@@ -94,7 +95,10 @@ def train(
             raise MedsegError("train needs a PRESET (see `medseg config list`) or --resume RUN_DIR")
         cfg = load_checked_config(preset, overrides or [])
     manifest = load_manifest(cfg.data.manifest)
-    result = Trainer(cfg, manifest, run_dir=resume, tracking_uri=tracking_uri, resume=resume is not None).fit()
+    try:
+        result = Trainer(cfg, manifest, run_dir=resume, tracking_uri=tracking_uri, resume=resume is not None).fit()
+    except TrainingStopped:  # SIGTERM: 128 + 15, as if the signal had ended the process; last.pt is valid
+        raise typer.Exit(EXIT_CODE) from None
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return
     typer.echo(f"run folder: {result.run_dir}")

@@ -23,6 +23,8 @@ Exit codes (for cron, SLURM, Kubernetes ``podFailurePolicy``):
     5  MLflow tracking server unreachable (checked before training; or lost before registering): retry later
     6  lock held: another run is using OUTPUT (the message names its PID); nothing was done
   130  interrupted
+  143  stopped by SIGTERM (a scheduler's pre-emption or time limit): the epoch in training is saved, nothing was
+       evaluated or registered; --resume continues
 
 OUTPUT (``--output``, default ``<train.output_dir>/train_evaluate_register``) holds ``train_evaluate_register.log``
 (appended by every run), the lock ``.train_evaluate_register.lock``, ``pending_run.txt`` (the run folder of an
@@ -61,6 +63,7 @@ from pipelines.pipeline_steps import (
 
 PROG = "train_evaluate_register"
 LOG_NAME, LOCK_NAME = f"{PROG}.log", f".{PROG}.lock"
+SIGTERM_EXIT = 143  # 128 + SIGTERM: medseg.engine.stop_signal.EXIT_CODE (a test checks they agree)
 PENDING, LATEST = "pending_run.txt", "latest.json"
 log = logging.getLogger("medseg.pipeline")
 
@@ -210,7 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     except MedsegError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        # medseg.engine.stop_signal.TrainingStopped (not imported: it brings torch) after a scheduler's SIGTERM:
+        # the epoch is saved, nothing was evaluated or registered
+        if getattr(e, "exit_code", None) == SIGTERM_EXIT:
+            print(f"{PROG}: {e}; run the pipeline again with --resume", file=sys.stderr)
+            return SIGTERM_EXIT
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
 

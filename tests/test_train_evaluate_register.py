@@ -114,7 +114,7 @@ def test_champion_moves_only_to_the_better_model_and_predicts_by_alias(
     assert v2.run_id == second["run_id"] and v2.tags["pipeline.alias"] == "champion"
     assert v2.tags["pipeline.compared_with"] == f"models:/{name}/1"
     run = client.get_run(second["run_id"])  # the test scores are on the training run, as `evaluate --mlflow-run-id`
-    assert run.data.tags["eval.split"] == "test" and "eval_dice_liver_mean" in run.data.metrics
+    assert run.data.tags["eval.split"] == "test" and "eval_dice/liver_mean" in run.data.metrics
     assert run.data.tags["registered_model"] == f"models:/{name}/2"
     assert (out / LOG_NAME).read_text().count(" start: pid ") == 3 and not (out / "pending_run.txt").exists()
 
@@ -258,3 +258,21 @@ def test_an_alias_ref_records_the_version_it_resolved_to(phantom: Path, mlflow_s
     )
     with pytest.raises(InputError, match="cannot resolve alias 'champion' of model 'no-such-model'"):
         load_package("models:/no-such-model@champion", mlflow_server)
+
+
+def test_a_sigterm_stop_of_training_exits_143_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The trainer's ``TrainingStopped`` (tests/reliability/test_kills.py sends the real SIGTERM to training)
+    becomes the pipeline's exit 143, not a traceback: a scheduler sees a pre-emption, not a failure."""
+    import pipelines.train_evaluate_register as ter
+    from medseg.engine.stop_signal import EXIT_CODE, TrainingStopped
+
+    def stopped(args: object) -> int:
+        raise TrainingStopped("stopped on SIGTERM: epoch 2/5 is saved")
+
+    monkeypatch.setattr(ter, "run", stopped)
+    assert ter.SIGTERM_EXIT == EXIT_CODE == 143
+    assert ter.main(["configs/x.yaml"]) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["train_evaluate_register: stopped on SIGTERM: epoch 2/5 is saved; run the pipeline again with --resume"]

@@ -20,6 +20,11 @@ Every epoch re-seeds the global and transform RNGs from ``(seed, epoch, rank)``,
 Order of writes per epoch: best model package -> ``last.pt`` (holds the metric history) -> ``history.csv``
 -> MLflow. A run killed anywhere resumes from ``last.pt``: ``history.csv`` is rebuilt from it and epochs the
 checkpoint has but MLflow lacks are logged then, so the MLflow run has every step exactly once.
+
+SIGTERM (``stop_signal``): the epoch in progress finishes its training steps, skips its validation, is saved in
+``last.pt`` and logged, then the run ends (MLflow status KILLED) and ``fit`` raises ``TrainingStopped``. A SIGTERM
+during a validation stops after that epoch is saved. The final epoch is not saved unvalidated (a resume would
+find nothing left to do and never package it): it is trained again on resume.
 """
 
 from __future__ import annotations
@@ -45,10 +50,12 @@ from medseg.engine.epoch import StepParts, train_epoch
 from medseg.engine.history import read_rows_csv
 from medseg.engine.recorder import RunRecorder
 from medseg.engine.schedules import build_optimizer, build_scheduler
+from medseg.engine.stop_signal import StopSignal, TrainingStopped, stopped_message
 from medseg.engine.train_data import TrainData
 from medseg.engine.validation import SCORERS, CaseInference, ValResult, validate
 from medseg.errors import ConfigError
 from medseg.inference.sliding import network_fn
+from medseg.io.atomic import remove_stale_temps
 from medseg.io.manifest import Manifest
 from medseg.losses import build_loss, wrap_deep_supervision
 from medseg.metrics.confusion import nanmean
@@ -104,6 +111,8 @@ class Trainer:
         self.num_classes = manifest.num_classes_without(cfg.data.ignore_index)
         self.recorder = RunRecorder(cfg, manifest, self.run_dir, tracking_uri, active=dist_utils.is_main())
         self.data: TrainData | None = None
+        self.stop = StopSignal()  # installed by fit()
+        self.saved_epoch = -1  # the epoch last.pt holds (-1: none)
 
     # ---- construction ----------------------------------------------------------------------------
     @property
@@ -268,6 +277,9 @@ class Trainer:
         torch.backends.cudnn.deterministic = cfg.train.deterministic
         torch.backends.cudnn.benchmark = self.device.type == "cuda" and not cfg.train.deterministic
         self.recorder.prepare(self.resume)
+        if dist_utils.is_main():  # temp files of writes a SIGKILL interrupted (readers skip them anyway)
+            for folder in ("", "checkpoints", "model", "plots"):
+                remove_stale_temps(self.run_dir / folder)
         self._datasets()
         self.recorder.compute_provenance()
         self._model()
@@ -291,6 +303,10 @@ class Trainer:
         # A run stopped by its time budget validates its final epoch, so it still ends with a model.
         out_of_time = self._out_of_time(epoch, metrics)
         last = epoch + 1 == cfg.train.epochs or out_of_time
+        if self.stop.agreed():  # SIGTERM during the training steps: no validation; save unless it is the final epoch
+            if not last:
+                self._save_and_log(epoch, metrics)
+            return True
         if (epoch + 1) % cfg.train.val_every == 0 or last:
             every = cfg.train.hd95_every
             val = self.validate(
@@ -304,26 +320,45 @@ class Trainer:
                 self.recorder.best(epoch, val, self.model, self.num_classes, note)
             else:
                 self.bad_rounds += 1
+        # checked before the epoch is logged: a SIGTERM during this epoch's validation stops after it is saved
+        stop = self.stop.agreed()
+        self._save_and_log(epoch, metrics)
+        return stop or out_of_time or self._early_stop()
+
+    def _save_and_log(self, epoch: int, metrics: dict[str, float]) -> None:
         self.history.append({"epoch": epoch, **metrics})
         if dist_utils.is_main():  # checkpoint first: it is the record the CSV and MLflow follow
             save_checkpoint(self.run_dir / "checkpoints" / "last.pt", self._state(epoch))
+        self.saved_epoch = epoch
         self.recorder.epoch(epoch, metrics, self.history)
         dist_utils.barrier()
-        return out_of_time or self._early_stop()
 
     def fit(self) -> TrainResult:
-        """Train for ``train.epochs`` (or until the time budget / early stopping), validating every k epochs."""
+        """Train for ``train.epochs`` (or until the time budget / early stopping), validating every k epochs.
+
+        ``TrainingStopped`` (a ``KeyboardInterrupt``) when a SIGTERM stopped it: nothing to package or register."""
+        with self.stop:  # the SIGTERM handler, for the duration of the run
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         start_epoch = self._set_up()
         epoch, status = start_epoch - 1, "FINISHED"
+        self.saved_epoch = start_epoch - 1
         already_done = start_epoch >= self.cfg.train.epochs  # resuming a finished run: nothing to train or register
         if already_done:
             log.info("%s: all %d epochs are done already", self.run_dir, self.cfg.train.epochs)
         try:
-            for epoch in range(start_epoch, self.cfg.train.epochs):
-                if self._epoch(epoch):
-                    break
-        except BaseException:
-            status = "FAILED"  # KeyboardInterrupt/SIGTERM too; the run can be resumed from last.pt
+            if not self.stop.agreed():  # a SIGTERM during the set-up: train nothing
+                for epoch in range(start_epoch, self.cfg.train.epochs):
+                    if self._epoch(epoch):
+                        break
+            if self.stop.requested:
+                status = "KILLED"
+                if dist_utils.is_main():
+                    log.info(stopped_message(self.run_dir, self.saved_epoch, self.cfg.train.epochs))
+        except BaseException as e:
+            # a second SIGTERM is KILLED; anything else (Ctrl-C too) FAILED; the run can be resumed from last.pt
+            status = "KILLED" if isinstance(e, TrainingStopped) else "FAILED"
             raise
         finally:
             if status == "FINISHED" and not already_done:
@@ -332,21 +367,15 @@ class Trainer:
             if self.world > 1:
                 dist_utils.barrier()
                 dist_utils.cleanup()
-        rows = self.best_rows
-        best_per_class = (
-            {
-                n: {
-                    "dice": nanmean([float(r[f"dice_{n}"]) for r in rows]),
-                    "iou": nanmean([float(r[f"iou_{n}"]) for r in rows]),
-                }
-                for n in self.labels
-            }
-            if rows
-            else {}
-        )
-        return TrainResult(
-            self.run_dir, self.recorder.tracker.run_id, epoch + 1, self.best_epoch, self.best_metric, best_per_class
-        )
+        if status == "KILLED":
+            raise TrainingStopped(stopped_message(self.run_dir, self.saved_epoch, self.cfg.train.epochs))
+        rows = self.best_rows  # per class: the mean over the best epoch's validation cases
+        per_class = {
+            n: {m: nanmean([float(r[f"{m}_{n}"]) for r in rows]) for m in ("dice", "iou")} for n in self.labels
+        }
+        result = TrainResult(self.run_dir, self.recorder.tracker.run_id, epoch + 1, self.best_epoch, self.best_metric)
+        result.best_per_class = per_class if rows else {}
+        return result
 
     def _early_stop(self) -> bool:
         """No validation improvement in ``early_stopping_patience`` rounds (the same on every rank)."""

@@ -35,7 +35,7 @@ from medseg.errors import InputError
 from medseg.evaluation.outputs import json_safe, rows_to_csv, safe_name
 from medseg.evaluation.progress import Progress
 from medseg.evaluation.report import match_cases
-from medseg.io.atomic import atomic_path, write_json_atomic, write_text_atomic
+from medseg.io.atomic import atomic_path, remove_stale_temps, write_json_atomic, write_text_atomic
 from medseg.io.images2d.common import INDEX_MODES, VOID, open_image, read_index_label
 from medseg.io.manifest import Manifest, load_manifest
 from medseg.metrics.confusion import cm_scores, confusion_matrix
@@ -177,6 +177,8 @@ def evaluate_images(
         "missing_predictions": missing,
         "notes": _notes(total, labels, missing),
     }
+    remove_stale_temps(out, ["metrics_per_image.csv", "summary.json"])  # temp files of a killed evaluation
+    remove_stale_temps(out / "plots", None)
     outputs = [
         write_text_atomic(out / "metrics_per_image.csv", rows_to_csv(rows)),
         write_json_atomic(out / "summary.json", json_safe(doc)),

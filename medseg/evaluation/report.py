@@ -38,7 +38,7 @@ from medseg.evaluation.compare import compare_rows, write_comparison
 from medseg.evaluation.outputs import json_safe, rows_to_csv
 from medseg.evaluation.plots import write_boxplots
 from medseg.evaluation.progress import Progress
-from medseg.io.atomic import write_json_atomic, write_text_atomic
+from medseg.io.atomic import remove_stale_temps, write_json_atomic, write_text_atomic
 from medseg.io.manifest import Manifest, load_manifest
 from medseg.io.nifti import load_nifti, read_array, voxel_spacing
 from medseg.metrics.lesions import lesion_metrics
@@ -307,6 +307,9 @@ def evaluate(
     """
     manifest = load_manifest(manifest_path)
     out = Path(out_dir) if out_dir else Path(pred_dir) / "evaluation"
+    main_files, compare_files = ["metrics_per_case.csv", "summary.json"], ["compare.csv", "compare.json"]
+    for folder, names in ((out, main_files + compare_files), (out / "compare_to", main_files), (out / "plots", None)):
+        remove_stale_temps(folder, names)  # temp files of an evaluation killed while writing
     other = None
     if compare_dir is not None:  # check both folders' geometry before computing anything
         for cid, p, t in match_cases(Path(compare_dir), manifest, split)[0]:

@@ -2,11 +2,14 @@
 
 A killed process leaves either the old file or the new one, never half of it. Temp files start with a dot
 and carry ``.tmp`` before any format suffix; readers of output folders skip dot-files (``is_output_file``).
+A SIGKILL between ``mkstemp`` and ``os.replace`` leaves such a temp file behind (the ``finally`` never runs);
+the next run of the writer removes it (``remove_stale_temps``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -59,3 +62,19 @@ def write_json_atomic(target: str | Path, obj: Any) -> Path:
 def is_output_file(path: Path) -> bool:
     """False for hidden files, which include in-flight atomic temp files."""
     return not path.name.startswith(".")
+
+
+def remove_stale_temps(folder: str | Path, names: list[str] | None = None) -> int:
+    """Delete the temp files ``atomic_path`` left in ``folder`` for targets ``names`` (None: any target); the count.
+
+    Only for a folder this process owns while it runs: another writer's temp file in flight would be removed too.
+    """
+    folder = Path(folder)
+    patterns = [f".{glob.escape(n)}.*.tmp*" for n in names] if names is not None else [".*.tmp*"]
+    n = 0
+    for pattern in patterns:
+        for tmp in folder.glob(pattern):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                n += 1
+    return n

@@ -60,9 +60,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "checkpoint not found")
+    if path.stat().st_size == 0:
+        raise InputError(path, "empty file (0 bytes), not a checkpoint")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise InputError(
-            path, f"cannot load checkpoint ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})"
-        ) from None
+    except Exception as e:  # e.g. a file cut short by a kill (not last.pt itself: that is replaced atomically)
+        first_line = (str(e).splitlines() or ["no message"])[0][:200]  # some errors have no message
+        raise InputError(path, f"cannot load checkpoint ({e.__class__.__name__}: {first_line})") from None
