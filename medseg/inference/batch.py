@@ -10,7 +10,8 @@ input checksum, warnings, outputs). All writes are atomic; the JSON is the compl
 skips exactly the cases whose JSON says ok and whose listed outputs exist. A failing case gets a JSON with its
 error. At the end ``summary.csv`` is rebuilt from every case JSON in the folder, so it is right after a resume or shards.
 With ``mlflow_experiment`` one MLflow run per call (per shard) records counts and timing only
-(``medseg.inference.batch_tracking``: no case ids, file names or errors).
+(``medseg.inference.batch_tracking``: no case ids, file names or errors). A DICOM case's error (record, summary,
+log) has the path parts and words holding its patient identifiers ``<redacted>``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from medseg.inference.records import (
     write_summary,
 )
 from medseg.io.atomic import write_json_atomic
+from medseg.io.dicom_case_ids import redact_identifiers
 from medseg.io.dicom_series import NonImageObject
 from medseg.runtime.memory import PeakMemory
 
@@ -189,6 +191,12 @@ def _run(
     return report
 
 
+def _shown(case: InputCase, error: str) -> str:
+    """A case's error as recorded and logged: for a DICOM series, every path part and word holding one of its
+    patient identifier fragments (a folder or file named after the patient) is ``<redacted>``."""
+    return redact_identifiers(error, case.series.identifiers) if case.series is not None else error
+
+
 def _predict_all(
     todo: list[InputCase],
     ahead: ReadAhead,
@@ -217,11 +225,14 @@ def _predict_all(
                     record.update(status="ok", **fields)
                     report.done.append(case.id)
                 except MedsegError as e:
-                    record.update(status="failed", error=str(e))
-                    log.error("%s: %s", case.id, e)
+                    record.update(status="failed", error=_shown(case, str(e)))
+                    log.error("%s: %s", case.id, record["error"])
                 except Exception as e:  # one broken scan or image must not stop the batch; the error is recorded
-                    record.update(status="failed", error=f"{e.__class__.__name__}: {e}")
-                    log.exception("%s failed", case.id)
+                    record.update(status="failed", error=_shown(case, f"{e.__class__.__name__}: {e}"))
+                    if case.series is None:
+                        log.exception("%s failed", case.id)
+                    else:  # one line: a traceback would quote the message unredacted
+                        log.error("%s failed: %s", case.id, record["error"])
             if record["status"] == "failed":
                 report.failed[case.id] = record["error"]
             notes = caught.notes

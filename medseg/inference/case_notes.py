@@ -3,17 +3,20 @@
 Real DICOM exports make pydicom warn about header values and highdicom log INFO lines ("copy attributes of module
 ...") for every file; on the console they would bury the batch's own lines. While a case runs, ``CaseNotes``
 records them instead (deduplicated, at most ``MAX_NOTES``) for the case's ``warnings``. pydicom's messages can quote
-header values (patient names), so only their category is kept.
+header values (patient names), so only their category is kept; the others have DICOM UIDs replaced by ``<uid>``
+(highdicom names the source instance it copies from: a UID identifies the exam, and the record is a report).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from types import TracebackType
 
 LIBRARY_LOGGERS = ("pydicom", "highdicom", "rt_utils", "SimpleITK", "nibabel")
 MAX_NOTES = 50
+_UID = re.compile(r"\b\d+(?:\.\d+){4,}\b")  # a DICOM UID: 5 or more dotted numbers (a version has fewer)
 
 
 class _Collect(logging.Handler):
@@ -25,14 +28,15 @@ class _Collect(logging.Handler):
         if record.name.split(".")[0] == "pydicom":  # may quote header values
             self.notes.add(f"pydicom log {record.levelname}")
         else:
-            self.notes.add(f"{record.name} {record.levelname}: {record.getMessage().splitlines()[0][:300]}")
+            message = _UID.sub("<uid>", record.getMessage().splitlines()[0])
+            self.notes.add(f"{record.name} {record.levelname}: {message[:300]}")
 
 
 def warning_text(w: warnings.WarningMessage) -> str:
     """One line for a caught warning; pydicom's (which can quote header values) keep only their category."""
     if "pydicom" in (w.filename or "") or "pydicom" in type(w.message).__module__:
         return f"pydicom {w.category.__name__}"
-    return f"{w.category.__name__}: {str(w.message).splitlines()[0][:300]}"
+    return f"{w.category.__name__}: {_UID.sub('<uid>', str(w.message).splitlines()[0])[:300]}"
 
 
 class CaseNotes:

@@ -7,9 +7,12 @@ import hashlib
 import re
 import warnings
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import pydicom
+
+_WORD = re.compile(r"[^/\\\s:'\"()\[\],]+")
 
 
 def uid_hash(uid: str, n: int = 10) -> str:
@@ -18,12 +21,22 @@ def uid_hash(uid: str, n: int = 10) -> str:
 
 
 def identifier_tokens(ds: pydicom.Dataset) -> set[str]:
-    """Lower-cased patient identifier fragments (>= 3 chars), only to keep them out of case ids."""
+    """Lower-cased patient identifier fragments (>= 3 chars), only to keep them out of case ids and messages."""
     with warnings.catch_warnings():  # pydicom's invalid-value warnings would quote the value
         warnings.simplefilter("ignore")
         values = [str(ds.get(k, "") or "") for k in ("PatientID", "AccessionNumber", "PatientBirthDate")]
         values += re.split(r"[\^\s=,]+", str(ds.get("PatientName", "") or ""))
     return {v.strip().lower() for v in values if len(v.strip()) >= 3}
+
+
+def redact_identifiers(text: str, tokens: Iterable[str]) -> str:
+    """``text`` with every word or path part (split at ``/``, spaces, quotes, brackets, commas and colons) that
+    contains one of ``tokens`` (``identifier_tokens``) replaced by ``<redacted>``: the whole part, so a folder
+    named ``<PatientID>_<surname>`` loses the surname too."""
+    lowered = [t.lower() for t in tokens]
+    if not lowered:
+        return text
+    return _WORD.sub(lambda m: "<redacted>" if any(t in m.group(0).lower() for t in lowered) else m.group(0), text)
 
 
 def case_ids(files: dict[str, list[Path]], identifiers: dict[str, set[str]]) -> dict[str, str]:

@@ -79,6 +79,7 @@ class SeriesInfo:
     uid_missing: bool = False
     warnings: tuple[str, ...] = ()
     unreadable: tuple[tuple[Path, str], ...] = ()  # (file, cause): unreadable DICOM files in the series' folder
+    identifiers: frozenset[str] = field(default=frozenset(), repr=False, compare=False)  # redact_identifiers' tokens
 
     @property
     def folder(self) -> Path:

@@ -171,6 +171,7 @@ def _series_of(groups: dict[str, _Group], unreadable: list[tuple[Path, str]]) ->
                 uid_missing=g.uid_missing,
                 warnings=tuple(notes),
                 unreadable=tuple((p, c) for p, c in unreadable if p.parent in folders),
+                identifiers=frozenset(g.tokens),
             )
         )
     return sorted(series, key=lambda s: str(s.files[0]))
