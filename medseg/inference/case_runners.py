@@ -81,6 +81,7 @@ class VolumeCases(CaseRunner):
             "shape": list(pred.labels.shape),
             "organs": organ_volumes(pred.labels, pred.reference, labels),
             "windows": pred.windows,
+            "network": pred.network,
             "input_sha256": _sha256(case, checksum),
             **fields,
         }

@@ -3,6 +3,10 @@
     medseg export MODEL --format onnx --output DIR          ->  DIR/model.onnx            + DIR/medseg.json
     medseg export MODEL --format torchscript --output DIR   ->  DIR/model.torchscript.pt  + DIR/medseg.json
 
+Beside them the package's ``config.yaml`` and ``metadata.json`` (model card), so ``medseg predict --model DIR``
+runs the exported network in medseg's own predictor (``onnx_network``); medseg.json stays self-contained for a
+serving stack and names those two files (``config``, ``model_card``) and the network file's ``file_sha256``.
+
 The exported network is the package's trained network in fp32 on one batch of windows: ``(N, C_in, *roi)`` in,
 the full-resolution logits ``(N, classes, *roi)`` out (a deep-supervision net's first head), ``N`` free. A 2D net
 takes ``(N, C_in, H, W)``; on volumes medseg runs it slice by slice (``slice_wise`` in medseg.json). The sliding
@@ -38,14 +42,11 @@ import torch.nn as nn
 
 from medseg.data.kinds import data_kind
 from medseg.errors import MedsegError
-from medseg.inference.model_package import ModelPackage
-from medseg.io.atomic import atomic_path, write_json_atomic
+from medseg.inference.model_package import CONFIG, METADATA, ModelPackage
+from medseg.inference.onnx_network import EXPORT_FORMAT, FILES, INPUT_NAME, MEDSEG_JSON, OUTPUT_NAME, file_sha256
+from medseg.io.atomic import atomic_path, write_json_atomic, write_text_atomic
 
 FORMATS = ("onnx", "torchscript")
-FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
-MEDSEG_JSON = "medseg.json"
-EXPORT_FORMAT = "medseg-export/1"
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
 CHECK_BATCHES = (1, 3)  # batch sizes the check runs (the export traced 2): the batch axis must be free
 CHECK_TOLERANCE = 1e-3  # largest |logit difference| an export may show on the check windows (measured: ~1e-5)
 ONNX_SINGLE_FILE_LIMIT = 2**31  # protobuf's 2 GiB: larger weights would need ONNX external data files
@@ -244,6 +245,8 @@ def export_package(package: ModelPackage, fmt: str, out_dir: str | Path) -> dict
     what medseg.json holds. The network file is written and checked first, medseg.json last."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if package.export is not None:  # its network is ONNX Runtime's / TorchScript's, not a torch module to trace
+        raise ExportError(f"{package.path} is an export already: export the model package it was made from")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     net = Logits(package.build("cpu")).eval()
@@ -256,10 +259,17 @@ def export_package(package: ModelPackage, fmt: str, out_dir: str | Path) -> dict
         made = write_torchscript(net, example, target)
         run = torchscript_runner(target)
     shape = ["batch", *window_shape(package)]
+    # The package's config and model card, for ``medseg predict --model DIR`` (the in-memory config: what was
+    # loaded, overrides included; the card's weights_sha256 is model.pt's, which the export does not need).
+    write_text_atomic(out / CONFIG, package.config.to_yaml())
+    write_json_atomic(out / METADATA, package.metadata)
     record = {
         "format": EXPORT_FORMAT,
         "model_format": fmt,
         "file": target.name,
+        "file_sha256": file_sha256(target),
+        "config": CONFIG,
+        "model_card": METADATA,
         "export": made,
         "input": {"name": INPUT_NAME, "shape": shape, "dtype": "float32"},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", package.num_classes, *shape[2:]], "dtype": "float32"},

@@ -5,6 +5,9 @@ height: the image goes through the model's own preprocessing (RGB, ``data.resize
 a sliding window of ``inference.roi_size`` covers it, and when the model works on resized images the
 class scores are resized back (bilinear) before the argmax. ``inference.tta_mirror`` mirrors each window
 (``inference.tta_axes``, default the width axis) through the same window function as volumes (``sliding``).
+The network runs in ``inference.precision`` resolved as for volumes (``runtime.precision.network_precision``),
+self-checked against fp32 on the first image's first windows (``sliding.CheckedAutocast``); each image's record
+says the backend and the precision that ran (``network``).
 
 Optional probabilities are ``<id>_probs.npy``: a plain numpy array (``np.save`` with ``allow_pickle=False``,
 so it loads without pickle) of dtype uint8 and shape ``(C, H, W)``, value/255 = probability, quantised
@@ -17,6 +20,7 @@ volumes, ``medseg.inference.batch.run_batch``; this module holds what is particu
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +33,12 @@ from medseg.data.kinds import data_kind, eval_transforms
 from medseg.inference.inputs import check_model_kind
 from medseg.inference.label_maps import quantize_probabilities
 from medseg.inference.model_package import ModelPackage
-from medseg.inference.sliding import WindowRunner, network_fn, window_logits
+from medseg.inference.onnx_network import network_record
+from medseg.inference.sliding import CheckedAutocast, WindowRunner, network_fn, window_logits
 from medseg.io.atomic import write_atomic
 from medseg.io.images2d.common import image_size, write_index_png
-from medseg.runtime.device import resolve_device, resolve_precision
+from medseg.runtime.device import resolve_device
+from medseg.runtime.precision import PrecisionWarning, network_precision
 
 
 @dataclass
@@ -52,8 +58,11 @@ class ImagePredictor:
         cfg = package.config
         self.cfg = cfg
         self.device = resolve_device(device, local_rank)
-        self.precision = resolve_precision(cfg.train.amp, self.device)  # AMP on CUDA as for volumes; fp32 on CPU
         self.model = package.build(self.device)
+        # ``inference.precision`` as for volumes (not train.amp), self-checked against fp32 on the batch's first
+        # network call: the first image's first windows. Exported networks run in fp32 (a note per image).
+        self.precision, self.precision_note = network_precision(cfg.inference.precision, self.device, self.model)
+        self.autocast = CheckedAutocast(self.precision, cfg.inference.precision_min_agreement)
         self.run = network_fn(self.model, 2, input_dims=2)
         self.num_classes = int(package.num_classes)
         self.mirror_axes = data_kind(cfg).mirror_axes(cfg.inference)
@@ -63,7 +72,7 @@ class ImagePredictor:
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """Softmax ``(1, C, h, w)`` of a preprocessed ``(3, h, w)`` image (mirrored per window with
         ``inference.tta_mirror``: the width axis unless ``inference.tta_axes`` says otherwise)."""
-        runner = WindowRunner(self.run, self.num_classes, mirror_axes=self.mirror_axes)
+        runner = WindowRunner(self.run, self.num_classes, mirror_axes=self.mirror_axes, precision=self.autocast)
         logits = window_logits(
             image.unsqueeze(0), self.cfg.roi_size, self.cfg.inference, runner, self.device, self.precision
         )
@@ -72,6 +81,8 @@ class ImagePredictor:
     def segment(self, path: Path, with_probabilities: bool = False) -> ImagePrediction:
         """Class-index map (and optionally quantised probabilities) of the image at ``path``, at its own size."""
         t0 = time.perf_counter()
+        if self.precision_note:  # inside a batch: in each image's record
+            warnings.warn(self.precision_note, PrecisionWarning, stacklevel=2)
         h, w = image_size(path)  # fully decodes: a truncated or unreadable file is an InputError naming it
         probs = self.probabilities(self.transform({"image": str(path)})["image"])
         if tuple(probs.shape[-2:]) != (h, w):  # model works on resized images: scores back to the input size
@@ -79,6 +90,11 @@ class ImagePredictor:
         labels = probs.argmax(1)[0].cpu().numpy().astype(np.uint8)
         quantized = np.moveaxis(quantize_probabilities(probs[0].cpu()), -1, 0) if with_probabilities else None
         return ImagePrediction(labels, time.perf_counter() - t0, quantized)
+
+    def network(self) -> dict[str, Any]:
+        """The backend and the precision the network ran in so far (``onnx_network.network_record``)."""
+        inf = self.cfg.inference
+        return network_record(self.model, inf.precision, self.autocast.dtype, self.autocast.agreement)
 
     def predict(self, path: Path) -> np.ndarray:
         """Class-index map (uint8) of the image at ``path``, the size of that image."""
@@ -115,4 +131,5 @@ def predict_image_case(
         "seconds": round(pred.seconds, 3),
         "shape": list(pred.labels.shape),
         "classes": class_pixels(pred.labels, label_map),
+        "network": predictor.network(),
     }

@@ -10,6 +10,10 @@
 A package can be referenced as the folder itself, a training run folder (``RUN/model``), or an MLflow
 URI (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/RUN_ID/model``), which is downloaded first; an
 alias is resolved to the version it points at once, and that version is downloaded and recorded.
+
+A local ``medseg export`` folder (``medseg.json`` + ``model.onnx`` or ``model.torchscript.pt`` + the package's
+``config.yaml`` and ``metadata.json``) loads too: its ``ModelPackage.export`` is medseg.json, and ``build`` gives
+the exported network behind a torch module (``onnx_network``), so the predictor runs it like any package.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch.nn as nn
 import medseg
 from medseg.config import Config, config_from_yaml_text
 from medseg.errors import InputError
+from medseg.inference.onnx_network import MEDSEG_JSON, check_export_folder, exported_network
 from medseg.io.atomic import write_atomic, write_json_atomic, write_text_atomic
 from medseg.io.manifest import Manifest
 from medseg.models import build_model
@@ -45,6 +50,7 @@ class ModelPackage:
     config: Config
     metadata: dict[str, Any]
     resolved_ref: str | None = None  # ``models:/NAME/VERSION`` that a ``models:/NAME@ALIAS`` reference resolved to
+    export: dict[str, Any] | None = None  # medseg.json of a ``medseg export`` folder: ``build`` runs its file
 
     @property
     def labels(self) -> dict[str, int]:
@@ -57,7 +63,10 @@ class ModelPackage:
         return int(self.metadata["num_classes"])
 
     def build(self, device: torch.device | str = "cpu") -> nn.Module:
-        """The network with its trained weights, in eval mode on ``device``."""
+        """The network with its trained weights, in eval mode on ``device`` (an export folder: its exported network,
+        fp32 only, behind a torch module)."""
+        if self.export is not None:
+            return exported_network(self.path, self.export, self.config.roi_size, device)
         cfg = self.config.model
         # The trained weights replace any pretrained encoder, so the training-time file is not needed here.
         params = {k: v for k, v in cfg.params.items() if k != "pretrained_path"}
@@ -241,7 +250,17 @@ def load_package(ref: str | Path, tracking_uri: str | None = None) -> ModelPacka
     )
     if not path.exists():
         raise InputError(path, "model not found")
+    # A local export folder (never a downloaded one: TorchScript loads code); a package folder that an export was
+    # written into stays the torch package.
+    if path == Path(ref_s) and (path / MEDSEG_JSON).is_file() and not (path / WEIGHTS).is_file():
+        return load_export(path)
     pkg = find_package_dir(path)
+    cfg, meta = read_config_and_card(pkg)
+    return ModelPackage(pkg, cfg, meta, resolved_ref=resolved if resolved != ref_s else None)
+
+
+def read_config_and_card(pkg: Path) -> tuple[Config, dict[str, Any]]:
+    """``config.yaml`` and ``metadata.json`` of the folder ``pkg``, checked against each other (``check_card``)."""
     cfg = config_from_yaml_text((pkg / CONFIG).read_text(), str(pkg / CONFIG))
     try:
         meta = json.loads((pkg / METADATA).read_text())
@@ -250,7 +269,26 @@ def load_package(ref: str | Path, tracking_uri: str | None = None) -> ModelPacka
     if not isinstance(meta, dict):
         raise InputError(pkg / METADATA, "unreadable model card (not a JSON object)")
     check_card(meta, cfg, pkg)
-    return ModelPackage(pkg, cfg, meta, resolved_ref=resolved if resolved != ref_s else None)
+    return cfg, meta
+
+
+def load_export(folder: Path) -> ModelPackage:
+    """A ``medseg export`` folder as a package: the config and model card copied with the export, and medseg.json,
+    whose network file is checked now (a missing file or runtime fails here, not at the first case)."""
+    try:
+        record = json.loads((folder / MEDSEG_JSON).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(folder / MEDSEG_JSON, f"unreadable export record ({e.__class__.__name__})") from None
+    if not isinstance(record, dict):
+        raise InputError(folder / MEDSEG_JSON, "unreadable export record (not a JSON object)")
+    check_export_folder(folder, record)
+    for name in (CONFIG, METADATA):
+        if not (folder / name).is_file():
+            raise InputError(
+                folder / name, "missing: an export made before exports carried the package's config; export again"
+            )
+    cfg, meta = read_config_and_card(folder)
+    return ModelPackage(folder, cfg, meta, export=record)
 
 
 def check_card(meta: dict[str, Any], cfg: Config, pkg: Path) -> None:

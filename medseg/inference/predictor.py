@@ -26,9 +26,10 @@ post-processing, quantised to uint8 steps of 1/255 (``quantize_probabilities``) 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Unpack
+from typing import Any, Unpack
 
 import nibabel as nib
 import numpy as np
@@ -42,6 +43,7 @@ from medseg.errors import InputError
 from medseg.inference.bounded import BoundedPath, SegmentationPath
 from medseg.inference.label_maps import argmax_classes, check_overlay, invert_label_map, quantize_probabilities
 from medseg.inference.model_package import ModelPackage
+from medseg.inference.onnx_network import network_record
 from medseg.inference.postprocess import postprocess
 from medseg.inference.preparation import (
     FOREGROUND_MARGIN,
@@ -64,7 +66,7 @@ from medseg.inference.window_grid import BodyWindows, aligned_box, body_extent
 from medseg.io.nifti import load_nifti, read_array, verify_gzip, voxel_spacing
 from medseg.runtime.device import resolve_device
 from medseg.runtime.memory import return_freed_memory_to_os
-from medseg.runtime.precision import resolve_inference_precision
+from medseg.runtime.precision import PrecisionWarning, network_precision
 
 _GRID_STEPS = (mt.Orientationd, mt.Spacingd)  # the steps that move voxels to the model's grid
 SOFTMAX_SLAB = 16  # slices per softmax step when logits become probabilities
@@ -80,6 +82,7 @@ class Prediction:
     seconds: float
     probabilities: np.ndarray | None = None  # uint8 (*input shape, C), value/255 = probability (before post-processing)
     windows: dict[str, int] = field(default_factory=dict)  # sliding windows run / skipped as body-free
+    network: dict[str, Any] = field(default_factory=dict)  # backend and precision that ran (``network_record``)
 
 
 class Predictor:
@@ -96,11 +99,12 @@ class Predictor:
         self.package = package
         self.cfg = package.config
         self.device = resolve_device(device, local_rank)
-        self.precision = resolve_inference_precision(self.cfg.inference.precision, self.device)
+        self.model = model.to(self.device).eval() if model is not None else package.build(self.device)
+        # An exported network (ONNX Runtime, TorchScript) runs in fp32 only: a note for each case then, not an error.
+        self.precision, self.precision_note = network_precision(self.cfg.inference.precision, self.device, self.model)
         # One self-check of reduced precision and one out-of-memory fallback for the batch this predictor serves.
         self.autocast = CheckedAutocast(self.precision, self.cfg.inference.precision_min_agreement)
         self.memory = OomFallback()
-        self.model = model.to(self.device).eval() if model is not None else package.build(self.device)
         inf, dims = self.cfg.inference, self.cfg.model.spatial_dims
         if inf.channels_last:
             model_channels_last(self.model, dims)
@@ -307,11 +311,14 @@ class Predictor:
         """
         t0 = time.perf_counter()
         name = name or (str(source[0]) if isinstance(source, list) else "image")
+        if self.precision_note:  # inside a batch: in each case's record
+            warnings.warn(self.precision_note, PrecisionWarning, stacklevel=2)
         labels, reference, probs = self._segment(source, name, with_probabilities)
         check_overlay(labels, reference, name)
         voxel_ml = float(np.prod(voxel_spacing(reference.affine))) / 1000.0
         labels = postprocess(labels, self.cfg.inference, voxel_ml, self.package.labels.values())
-        return Prediction(labels, reference, time.perf_counter() - t0, probs, dict(self.last_windows))
+        ran = network_record(self.model, self.cfg.inference.precision, self.autocast.dtype, self.autocast.agreement)
+        return Prediction(labels, reference, time.perf_counter() - t0, probs, dict(self.last_windows), ran)
 
 
 class StandardPath:

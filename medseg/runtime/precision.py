@@ -9,7 +9,12 @@ ATen dispatches to (``AVX512``, ``AVX2``), which does not say whether bf16 is th
 
 Explicit ``bf16`` on a CPU without native bf16 runs (slowly) after a one-time warning; ``fp16`` on the CPU is a
 ``ConfigError``: CPU autocast to fp16 is emulated and far slower than fp32. The windows' self-check against fp32
-is ``medseg.inference.sliding.CheckedAutocast``.
+is ``medseg.inference.sliding.CheckedAutocast``; the volume predictor and the 2D image predictor both resolve the
+setting with ``network_precision`` and self-check it that way (2D images: on the first image's first windows).
+
+A network that runs in one precision only (``fixed_precision``: an exported ONNX / TorchScript network,
+``medseg.inference.onnx_network``) runs in fp32 whatever is asked; an explicit bf16 / fp16 then gives a note for
+a ``PrecisionWarning`` instead of an error.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from medseg.errors import ConfigError
 from medseg.runtime.device import Precision
 
+SETTINGS = ("auto", "fp32", "bf16", "fp16")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")  # x86 (AVX-512 BF16, AMX), Arm (FEAT_BF16, SVE)
 CPUINFO = Path("/proc/cpuinfo")
 FULL = Precision(None, False)
@@ -94,7 +100,7 @@ def resolve_inference_precision(setting: str, device: torch.device, native_bf16:
 
     ``native_bf16`` overrides the CPU detection (``cpu_has_native_bf16``). ``ConfigError`` for fp16 on the CPU.
     """
-    if setting not in ("auto", "fp32", "bf16", "fp16"):
+    if setting not in SETTINGS:
         raise ConfigError(f"inference.precision: {setting!r} is none of auto, fp32, bf16, fp16")
     if device.type == "cuda":
         return cuda_precision(setting, device)
@@ -116,3 +122,24 @@ def resolve_inference_precision(setting: str, device: torch.device, native_bf16:
     if setting == "bf16" or (setting == "auto" and native):
         return Precision(torch.bfloat16, False)
     return FULL
+
+
+def network_precision(setting: str, device: torch.device, network: object) -> tuple[Precision, str | None]:
+    """``resolve_inference_precision`` for ``network``, and a note for a ``PrecisionWarning`` (else None).
+
+    A network with a ``fixed_precision`` attribute (exported networks: ``"fp32"``) runs in full precision: ``auto``
+    and ``fp32`` silently, ``bf16`` / ``fp16`` with the note saying the request was not honoured (never an error:
+    the prediction is the exported network's own).
+    """
+    fixed = getattr(network, "fixed_precision", None)
+    if fixed is None:
+        return resolve_inference_precision(setting, device), None
+    if setting not in SETTINGS:
+        raise ConfigError(f"inference.precision: {setting!r} is none of auto, fp32, bf16, fp16")
+    if setting in ("bf16", "fp16"):
+        backend = getattr(network, "backend", "exported")
+        return (
+            FULL,
+            f"inference.precision {setting}: the exported network ({backend}) runs in {fixed} only; predicting in {fixed}",
+        )
+    return FULL, None
