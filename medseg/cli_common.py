@@ -16,7 +16,10 @@ STATE: dict = {"debug": False, "defer_warnings": False, "warnings": []}
 OldOut = Annotated[Optional[Path], typer.Option("--out", hidden=True, help="deprecated: old name of --output")]
 
 
-MODEL_HELP = "model package folder, run folder, or models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/model"
+MODEL_HELP = (
+    "model package folder, run folder, medseg export folder (ONNX, TorchScript), or models:/NAME/VERSION,"
+    " models:/NAME@ALIAS, runs:/ID/model"
+)
 
 
 def renamed(new: Optional[Path], old: Optional[Path], old_flag: str, new_flag: str) -> Optional[Path]:

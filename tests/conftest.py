@@ -18,6 +18,17 @@ hypothesis_settings.register_profile("explore", max_examples=500)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_environment_restored() -> object:
+    """``mlflow.set_tracking_uri`` / ``set_registry_uri`` (called by some tests) also set ``MLFLOW_*`` variables in
+    ``os.environ``, which every later subprocess would inherit: each test ends with the environment it began with."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("MLFLOW_") and k not in before]:
+        del os.environ[key]
+    os.environ.update(before)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Start ``mlflow server`` (SQLite backend, served artifacts) on 127.0.0.1; yield its URI."""

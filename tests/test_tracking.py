@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -105,6 +106,14 @@ def test_registered_model_predicts_through_models_uri(tracked_run: dict, tmp_pat
     assert [(v.version, v.run_id) for v in versions] == [("1", tracked_run["run_id"])]
     from mlflow.models import Model
 
+    from medseg.inference.model_package import load_package
+
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    env_before = {k: os.environ.get(k) for k in keys}
+    pkg = load_package(f"models:/{name}/1", tracking_uri=tracked_run["uri"])
+    assert pkg.metadata["run_id"] == tracked_run["run_id"]
+    # no process-wide URI left behind: a later training in (a subprocess of) this process registers where it is told
+    assert {k: os.environ.get(k) for k in keys} == env_before
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracked_run["uri"])  # Model.load resolves models:/ through the global URI
     try:

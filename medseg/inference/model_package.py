@@ -188,12 +188,19 @@ def _mlmodel_yaml(meta: dict[str, Any]) -> str:
 
 def _download_mlflow(uri: str, tracking_uri: str | None) -> Path:
     import mlflow
+    from mlflow.tracking import MlflowClient
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
+    # The URIs go to these calls only: mlflow.set_tracking_uri / set_registry_uri would also set MLFLOW_TRACKING_URI /
+    # MLFLOW_REGISTRY_URI in os.environ, and every later MLflow client and subprocess of this process (a training
+    # that registers its model elsewhere) would follow them. mlflow.artifacts.download_artifacts does not pass its
+    # registry_uri on for models:/ URIs (MLflow 3.17), so a version is resolved to its source with a client first.
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        source, (name, _, version) = uri, uri.removeprefix("models:/").rstrip("/").rpartition("/")
+        if uri.startswith("models:/") and name and version.isdigit():
+            source = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(
+                name, version
+            )
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri))
     except Exception as e:
         raise InputError(
             uri, f"cannot download model from MLflow ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})"
