@@ -13,6 +13,7 @@ Fixtures stay in ``conftest.py``; 2D image datasets are drawn by ``tests.images2
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -145,3 +146,32 @@ class MlflowServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.proc = None
+
+
+class _Records(logging.Handler):
+    """Collects log records."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def oracle_batch(package, folder: Path, out: Path):
+    """``run_batch`` of every scan in ``folder`` into ``out`` on the CPU with ``oracle_model`` as the network;
+    returns ``(BatchReport, the records the batch logged to medseg.predict)``."""
+    from medseg.inference.batch import run_batch
+    from medseg.inference.inputs import discover_inputs
+    from medseg.inference.predictor import Predictor
+
+    handler, logger = _Records(), logging.getLogger("medseg.predict")
+    logger.addHandler(handler)
+    try:
+        inputs = discover_inputs(folder)
+        predictor = Predictor(package, device="cpu", model=oracle_model())
+        report = run_batch(package, inputs, out, device="cpu", progress=False, predictor=predictor)
+    finally:
+        logger.removeHandler(handler)
+    return report, handler.records

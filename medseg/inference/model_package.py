@@ -269,25 +269,26 @@ def load_package(ref: str | Path, tracking_uri: str | None = None) -> ModelPacka
 def read_config_and_card(pkg: Path) -> tuple[Config, dict[str, Any]]:
     """``config.yaml`` and ``metadata.json`` of the folder ``pkg``, checked against each other (``check_card``)."""
     cfg = config_from_yaml_text((pkg / CONFIG).read_text(), str(pkg / CONFIG))
-    try:
-        meta = json.loads((pkg / METADATA).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(pkg / METADATA, f"unreadable model card ({e.__class__.__name__})") from None
-    if not isinstance(meta, dict):
-        raise InputError(pkg / METADATA, "unreadable model card (not a JSON object)")
+    meta = _read_json_object(pkg / METADATA, "model card")
     check_card(meta, cfg, pkg)
     return cfg, meta
+
+
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path``; an ``InputError`` saying ``unreadable <what>`` otherwise."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(path, f"unreadable {what} ({e.__class__.__name__})") from None
+    if not isinstance(value, dict):
+        raise InputError(path, f"unreadable {what} (not a JSON object)")
+    return value
 
 
 def load_export(folder: Path) -> ModelPackage:
     """A ``medseg export`` folder as a package: the config and model card copied with the export, and medseg.json,
     whose network file is checked now (a missing file or runtime fails here, not at the first case)."""
-    try:
-        record = json.loads((folder / MEDSEG_JSON).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(folder / MEDSEG_JSON, f"unreadable export record ({e.__class__.__name__})") from None
-    if not isinstance(record, dict):
-        raise InputError(folder / MEDSEG_JSON, "unreadable export record (not a JSON object)")
+    record = _read_json_object(folder / MEDSEG_JSON, "export record")
     check_export_folder(folder, record)
     for name in (CONFIG, METADATA):
         if not (folder / name).is_file():

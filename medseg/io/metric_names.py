@@ -94,11 +94,6 @@ def flat_key(key: str) -> str:
     return key.replace("/", "_", 1)
 
 
-def sectioned_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """``metrics`` with every name given its section (``mlflow_key``)."""
-    return {mlflow_key(k): v for k, v in metrics.items()}
-
-
 def flat_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     """A run's ``data.metrics`` under flat names, whichever names it was logged with (sectioned wins)."""
     out = {flat_key(k): v for k, v in metrics.items() if "/" not in k}

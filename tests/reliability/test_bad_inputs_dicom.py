@@ -9,7 +9,6 @@ into a temp folder tree and damaged there; the batch runs the real predictor wit
 from __future__ import annotations
 
 import json
-import logging
 import re
 import shutil
 from pathlib import Path
@@ -19,11 +18,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from medseg.inference.batch import run_batch
-from medseg.inference.inputs import discover_inputs
-from medseg.inference.predictor import Predictor
 from medseg.inference.records import BatchReport
-from tests.helpers import SHARED_DATA, oracle_model, phantom_package
+from tests.helpers import SHARED_DATA, oracle_batch, phantom_package
 
 SERIES = SHARED_DATA / "dicom_mr_series" / "Study3" / "11_HCropVolume"
 pytestmark = pytest.mark.skipif(not SERIES.is_dir(), reason=f"shared DICOM data not found at {SERIES}")
@@ -93,17 +89,6 @@ def _two_series_in_one_folder(root: Path) -> Path:
     return folder
 
 
-class Lines(logging.Handler):
-    """Collects the batch log's records."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture(scope="module")
 def batch(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[BatchReport, Path, dict, list]:
     root = tmp_path_factory.mktemp("bad_dicom") / "export"
@@ -124,21 +109,8 @@ def batch(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
         tmp_path_factory.mktemp("pkg"), tiny_phantom, ["data.spacing=null", "inference.dicom_output=none"]
     )
     out = tmp_path_factory.mktemp("out")
-    handler = Lines()
-    logger = logging.getLogger("medseg.predict")
-    logger.addHandler(handler)
-    try:
-        report = run_batch(
-            pkg,
-            discover_inputs(root),
-            out,
-            device="cpu",
-            progress=False,
-            predictor=Predictor(pkg, device="cpu", model=oracle_model()),
-        )
-    finally:
-        logger.removeHandler(handler)
-    return report, out, bad, handler.records
+    report, records = oracle_batch(pkg, root, out)
+    return report, out, bad, records
 
 
 CAUSES = {

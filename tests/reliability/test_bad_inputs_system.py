@@ -22,11 +22,8 @@ import numpy as np
 import pytest
 
 from medseg.errors import InputError
-from medseg.inference.batch import run_batch
-from medseg.inference.inputs import discover_inputs
 from medseg.inference.model_package import ModelPackage
-from medseg.inference.predictor import Predictor
-from tests.helpers import MEDSEG, copy_phantom_scans, oracle_model, phantom_package
+from tests.helpers import MEDSEG, copy_phantom_scans, oracle_batch, phantom_package
 
 ROOT = os.geteuid() == 0
 DROP_CAPS = [
@@ -128,14 +125,7 @@ def test_output_folder_not_writable_is_one_error_before_any_case(
 ) -> None:
     scans = copy_phantom_scans(tiny_phantom, tmp_path / "scans", 2)
     with pytest.raises(InputError) as e:
-        run_batch(
-            package,
-            discover_inputs(scans),
-            read_only_folder,
-            device="cpu",
-            progress=False,
-            predictor=Predictor(package, device="cpu", model=oracle_model()),
-        )
+        oracle_batch(package, scans, read_only_folder)
     assert e.value.path == str(read_only_folder) and "not writable" in str(e.value)
 
 
@@ -157,14 +147,7 @@ def test_full_disk_while_writing_fails_that_case_and_leaves_no_partial_file(
     rng = np.random.default_rng(0)  # noise across the oracle's thresholds: a mask that compresses to ~100 KB
     big = rng.integers(-200, 300, size=(96, 96, 48)).astype(np.int16)
     nib.save(nib.Nifti1Image(big, np.diag([1.0, 1.0, 1.0, 1.0])), str(scans / "m_big.nii.gz"))
-    report = run_batch(
-        package,
-        discover_inputs(scans),
-        full_disk,
-        device="cpu",
-        progress=False,
-        predictor=Predictor(package, device="cpu", model=oracle_model()),
-    )
+    report, _ = oracle_batch(package, scans, full_disk)
     assert sorted(report.done) == ["a_small", "z_small"] and list(report.failed) == ["m_big"]
     error = json.loads((full_disk / "m_big.json").read_text())["error"]
     assert error == f"{full_disk / 'm_big.nii.gz'}: cannot write this output (No space left on device)"

@@ -23,13 +23,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.inference.batch import run_batch
-from medseg.inference.inputs import discover_inputs
 from medseg.inference.model_package import ModelPackage
 from medseg.inference.options import apply_inference_overrides
-from medseg.inference.predictor import Predictor
 from medseg.inference.records import BatchReport
-from tests.helpers import copy_phantom_scans, oracle_model, phantom_package
+from tests.helpers import copy_phantom_scans, oracle_batch, phantom_package
 
 GOOD = {0: "a_good.nii.gz", 1: "m_good.nii.gz", 3: "z_good.nii.gz"}  # sorted among the bad ones: the batch goes on
 
@@ -186,17 +183,6 @@ KINDS: dict[str, tuple[str, Callable[[Path, str, Good], None], str]] = {
 VOXEL_KINDS = ("truncated_gzip", "corrupt_gzip", "nan_voxels", "constant_image", "absurd_size_gz")
 
 
-class Lines(logging.Handler):
-    """Collects the batch log's records."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @dataclass
 class Batch:
     """One batch over the folder: its report, the per-case records and the log."""
@@ -241,20 +227,8 @@ def batches(package: ModelPackage, scans: Path, tmp_path_factory: pytest.TempPat
         if path not in done:
             pkg = _variant(package, path)
             out = tmp_path_factory.mktemp(f"out_{path}")
-            handler, logger = Lines(), logging.getLogger("medseg.predict")
-            logger.addHandler(handler)
-            try:
-                report = run_batch(
-                    pkg,
-                    discover_inputs(scans),
-                    out,
-                    device="cpu",
-                    progress=False,
-                    predictor=Predictor(pkg, device="cpu", model=oracle_model()),
-                )
-            finally:
-                logger.removeHandler(handler)
-            done[path] = Batch(report, out, handler.records)
+            report, records = oracle_batch(pkg, scans, out)
+            done[path] = Batch(report, out, records)
         return done[path]
 
     return run
@@ -315,14 +289,7 @@ def test_unusual_but_valid_scans_pass(scans: Path, tmp_path: Path, package: Mode
     good = nib.load(str(scans / GOOD[0]))
     _save(folder, "float.nii", np.asanyarray(good.dataobj).astype(np.float32), good.affine)
     shutil.copy(scans / GOOD[0], folder / "int.nii.gz")
-    report = run_batch(
-        package,
-        discover_inputs(folder),
-        tmp_path / "out",
-        device="cpu",
-        progress=False,
-        predictor=Predictor(package, device="cpu", model=oracle_model()),
-    )
+    report, _ = oracle_batch(package, folder, tmp_path / "out")
     assert sorted(report.done) == ["float", "int"] and not report.failed
     masks = [np.asanyarray(nib.load(str(tmp_path / "out" / f"{c}.nii.gz")).dataobj) for c in ("float", "int")]
     assert np.array_equal(*masks)
