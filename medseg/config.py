@@ -125,6 +125,11 @@ class OptimizerConfig(_Strict):
     nesterov: bool = True
     scheduler: Literal["none", "poly", "cosine"] = "poly"
     warmup_epochs: int = Field(default=0, ge=0)
+    schedule_span: Literal["epochs", "time_budget"] = Field(
+        default="epochs",
+        description="what the schedule's progress counts: epochs done of train.epochs, or (time_budget) the larger "
+        "of that and the share of train.max_minutes spent, so the LR anneals by the end of a time-limited run",
+    )
     grad_clip: float | None = 12.0
 
 
@@ -193,6 +198,8 @@ class Config(_Strict):
         roi = self.inference.roi_size
         if roi is not None and len(roi) != nd:
             raise ValueError(f"inference.roi_size has {len(roi)} values but model.spatial_dims is {nd}")
+        if self.optimizer.schedule_span == "time_budget" and self.train.max_minutes is None:
+            raise ValueError("optimizer.schedule_span time_budget needs train.max_minutes")
         axes = self.inference.tta_axes
         if axes is not None and (not axes or any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes)):
             raise ValueError(f"inference.tta_axes must be distinct spatial axes among 0, 1, 2, got {axes}")

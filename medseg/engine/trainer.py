@@ -168,7 +168,8 @@ class Trainer:
         deep = bool(cfg.model.params.get("deep_supervision"))
         self.train_loss_fn = wrap_deep_supervision(self.loss_fn) if deep else self.loss_fn
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.train.epochs)
+        self.budget_spent = 0.0  # share of train.max_minutes spent, set (the same on every rank) before each step
+        self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.train.epochs, lambda: self.budget_spent)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
 
     def _check_patch_fits(self) -> None:
@@ -299,9 +300,9 @@ class Trainer:
         cfg = self.cfg
         self._seed(epoch + 1)
         metrics = self._train_epoch(epoch)
-        self.scheduler.step()
         # A run stopped by its time budget validates its final epoch, so it still ends with a model.
         out_of_time = self._out_of_time(epoch, metrics)
+        self.scheduler.step()
         last = epoch + 1 == cfg.train.epochs or out_of_time
         if self.stop.agreed():  # SIGTERM during the training steps: no validation; save unless it is the final epoch
             if not last:
@@ -386,12 +387,14 @@ class Trainer:
         return False
 
     def _out_of_time(self, epoch: int, metrics: dict[str, float]) -> bool:
-        """Would another epoch overrun ``train.max_minutes``? Rank 0 decides for all ranks."""
+        """Would another epoch overrun ``train.max_minutes``? Rank 0 decides for all ranks; sets ``budget_spent``."""
         budget = self.cfg.train.max_minutes
-        stop = False
+        stop, fraction = False, 0.0
         if budget is not None:
             spent = self.elapsed_before + time.time() - self.t_start
+            fraction = spent / (budget * 60)
             if spent + metrics["time_epoch_s"] > budget * 60:
                 log.info("time budget of %.1f min reached after epoch %d", budget, epoch + 1)
                 stop = True
-        return bool(dist_utils.broadcast_object(stop))
+        stop, self.budget_spent = dist_utils.broadcast_object((stop, fraction))  # type: ignore[misc]  # that tuple
+        return bool(stop)

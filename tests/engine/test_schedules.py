@@ -77,3 +77,37 @@ def test_scheduler_steps_per_epoch_and_resumes_exactly() -> None:
             o.step()
             s.step()
     assert opt_b.param_groups[0]["lr"] == opt_a.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 0.9)
+
+
+def test_time_budget_span_moves_the_schedule_on_when_time_runs_ahead() -> None:
+    # 1000 epochs planned but 60 % of the time budget spent: the poly factor is that of 60 % progress
+    assert lr_factor(3, 1000, "poly", time_fraction=0.6) == pytest.approx(0.4**0.9)
+    assert lr_factor(900, 1000, "poly", time_fraction=0.1) == pytest.approx(0.1**0.9)  # epochs ahead: they count
+    assert lr_factor(0, 10, "poly", warmup_epochs=2, time_fraction=0.9) == pytest.approx(1 / 3)  # warm-up first
+
+    spent = {"f": 0.0}
+    cfg = OptimizerConfig(lr=1.0, scheduler="poly", schedule_span="time_budget")
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
+    sched = build_scheduler(opt, cfg, total_epochs=1000, time_fraction=lambda: spent["f"])
+    lrs = []
+    for f in (0.25, 0.5, 0.99):
+        spent["f"] = f
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.75**0.9, 0.5**0.9, 0.01**0.9])
+    # the epoch span (the default) ignores the clock
+    plain = OptimizerConfig(lr=1.0, scheduler="poly")
+    opt2 = build_optimizer([torch.nn.Parameter(torch.zeros(1))], plain)
+    sched2 = build_scheduler(opt2, plain, total_epochs=1000, time_fraction=lambda: 0.99)
+    opt2.step()
+    sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx((999 / 1000) ** 0.9)
+
+
+def test_time_budget_span_needs_a_budget() -> None:
+    from medseg.config import Config
+
+    with pytest.raises(ValueError, match="needs train.max_minutes"):
+        Config.model_validate({"optimizer": {"schedule_span": "time_budget"}})
+    Config.model_validate({"optimizer": {"schedule_span": "time_budget"}, "train": {"max_minutes": 1}})
