@@ -114,7 +114,9 @@ def data_import_images(
         float, typer.Option(min=0.0, max=0.9, help="share of validation cases where the source has no split")
     ] = 0.1,
     seed: Annotated[int, typer.Option(help="random seed of the split")] = 0,
-    classes: Annotated[Optional[Path], typer.Option(help="text file, one class name per line, in index order")] = None,
+    classes: Annotated[
+        Optional[Path], typer.Option(help="text file, one class name per line, in index order ('#' lines are comments)")
+    ] = None,
     images: Annotated[Optional[Path], typer.Option(help="camvid/coco: images folder (relative to SRC)")] = None,
     labels: Annotated[Optional[Path], typer.Option(help="camvid: labels folder (relative to SRC)")] = None,
     void: Annotated[
@@ -156,7 +158,8 @@ def data_import_images(
 def _read_class_names(path: Path) -> list[str]:
     if not path.is_file():
         raise MedsegError(f"{path}: class list not found")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]  # '#' lines say where the list came from
 
 
 @data_app.command("validate")

@@ -40,8 +40,8 @@ def train_epoch(parts: StepParts, loader: Iterable[dict[str, Any]], n_batches: i
     parts.optimizer.zero_grad(set_to_none=True)
     for step, batch in enumerate(loader):
         t_data += time.perf_counter() - tick
-        image = batch["image"].to(parts.device, non_blocking=True)
-        label = batch["label"].to(parts.device, non_blocking=True)
+        image = plain_tensor(batch["image"]).to(parts.device, non_blocking=True)
+        label = plain_tensor(batch["label"]).to(parts.device, non_blocking=True)
         update = (step + 1) % parts.accumulation == 0 or step + 1 == n_batches
         loss = _backward(parts, image, label, sync=update)
         if update:
@@ -57,6 +57,13 @@ def train_epoch(parts: StepParts, loader: Iterable[dict[str, Any]], n_batches: i
         "time_epoch_s": elapsed,
         "time_data_fraction": t_data / max(elapsed, 1e-9),
     }
+
+
+def plain_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The batch without MONAI's metadata: a ``MetaTensor`` runs every network and loss op through its
+    ``__torch_function__`` (metadata copied per op), which training does not need."""
+    as_tensor = getattr(t, "as_tensor", None)  # MetaTensor.as_tensor(): the same storage as a plain Tensor
+    return as_tensor() if callable(as_tensor) else t
 
 
 def _backward(parts: StepParts, image: torch.Tensor, label: torch.Tensor, sync: bool) -> torch.Tensor:

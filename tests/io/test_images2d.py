@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -145,13 +146,16 @@ def test_camvid_void_value_does_not_apply_to_colour_labels(tmp_path: Path) -> No
 
 
 def test_cli_imports_the_real_segnet_camvid_with_classes_and_void(tmp_path: Path) -> None:
-    from tests.helpers import SHARED_DATA
+    from tests.helpers import REPO, SHARED_DATA
 
     src = SHARED_DATA / "camvid"
     if not (src / "trainannot").is_dir():
         pytest.skip(f"real data not found at {src}")
-    names = tmp_path / "camvid11.txt"
-    names.write_text("\n".join(SEGNET_CAMVID) + "\n")
+    # the committed class list (with its '#' source comment) is the dataset's own: SegNet's label_colours order
+    names = REPO / "data_manifests" / "camvid_classes.txt"
+    script = (src / "source_docs" / "test_segmentation_camvid.py").read_text()
+    listed = re.search(r"label_colours = np\.array\(\[([^\]]*)\]\)", script)
+    assert listed is not None and [n.strip() for n in listed.group(1).split(",")] == SEGNET_CAMVID
     out = tmp_path / "m" / "camvid.json"
     p = run_cli("data", "import-images", str(src), "--format", "camvid", "--classes", str(names), "--void", "11",
                 "--output", str(out))

@@ -1,0 +1,80 @@
+"""Shared by the end-to-end benchmark scripts: run a stage (the real ``medseg`` CLI or a plain baseline script) as
+a child process with its wall time and peak resident memory, alone or two side by side."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MEDSEG = [sys.executable, "-m", "medseg.cli"]
+
+
+def child_env(threads: int | None) -> dict[str, str]:
+    """The children's environment: unbuffered output, the repo importable, ``threads`` OpenMP/MKL threads."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_stages(stages: dict[str, list[str]], env: dict[str, str], cwd: Path, log_dir: Path) -> dict[str, dict]:
+    """Run the commands of ``stages`` (name -> argv) at the same time; wait for all; exit naming a failed one.
+
+    Returns per stage its wall time and peak RSS (MiB, sampled with psutil every 0.2 s). Each stage's output
+    goes to ``log_dir/NAME.log``."""
+    import psutil
+
+    procs, peaks, walls, handles = {}, dict.fromkeys(stages, 0), {}, []
+    t0 = time.perf_counter()
+    for name, argv in stages.items():
+        fh = (log_dir / f"{name}.log").open("w")
+        handles.append(fh)
+        procs[name] = subprocess.Popen(argv, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    while len(walls) < len(procs):
+        for name, proc in procs.items():
+            if name in walls:
+                continue
+            if proc.poll() is not None:
+                walls[name] = time.perf_counter() - t0
+                continue
+            try:
+                peaks[name] = max(peaks[name], psutil.Process(proc.pid).memory_info().rss)
+            except psutil.Error:
+                pass
+        time.sleep(0.2)
+    for fh in handles:
+        fh.close()
+    for name, proc in procs.items():
+        if proc.returncode != 0:
+            log = log_dir / f"{name}.log"
+            sys.exit(f"{name} failed (exit {proc.returncode}); see {log}:\n" + log.read_text()[-3000:])
+    out = {n: {"wall_s": round(walls[n], 1), "peak_rss_mib": round(peaks[n] / 2**20, 1)} for n in stages}
+    for name, s in out.items():
+        print(f"  {name:<14} {s['wall_s']:8.1f} s   peak RSS {s['peak_rss_mib']:7.0f} MiB", flush=True)
+    return out
+
+
+def run_stage(name: str, args: list[str], env: dict[str, str], cwd: Path, log_dir: Path) -> dict[str, float]:
+    """Run ``medseg ARGS`` alone (see ``run_stages``)."""
+    return run_stages({name: [*MEDSEG, *args]}, env, cwd, log_dir)[name]
+
+
+def splits_of(manifest: Path) -> dict[str, list[str]]:
+    """Case ids per split of a manifest file."""
+    doc = json.loads(manifest.read_text())
+    out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for e in doc["training"]:
+        out[e["split"]].append(e["id"])
+    return out
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` as JSON atomically (temporary file, then rename)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
