@@ -33,8 +33,6 @@ IMAGE_PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if load_config(
 # Tiny network, the preset's own architecture family / loss / augmentations otherwise.
 TINY = ["data.patch_size=[32, 32]", "model.params.channels=[4, 8, 16]", "model.params.strides=[2, 2]",
         "data.batch_size=4", "data.num_workers=0", "inference.roi_size=[32, 32]", "train.device=cpu"]
-# Per preset: settings tied to its own dataset that the 3-class synthetic VOC set cannot take.
-OWN_DATA = {"camvid_unet2d": ["loss.params.class_weights=null"]}  # 11 CamVid class weights
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +49,7 @@ def test_image_presets_exist() -> None:
 @pytest.mark.parametrize("preset", IMAGE_PRESETS)
 def test_image_preset_trains_and_packages(preset: str, voc_manifest: Path, tmp_path: Path) -> None:
     # the model works on images resized to half size; its masks must still come out at the input size
-    cfg = load_config(preset, [*TINY, *OWN_DATA.get(preset, []), f"data.manifest={voc_manifest}", "train.epochs=1",
-                               "tracking.backend=none",
+    cfg = load_config(preset, [*TINY, f"data.manifest={voc_manifest}", "train.epochs=1", "tracking.backend=none",
                                f"train.output_dir={tmp_path}", "train.run_name=smoke", "data.resize=[20, 28]",
                                "inference.roi_size=[16, 16]"])
     assert cfg.model.spatial_dims == 2 and cfg.data.kind == "image2d"

@@ -400,13 +400,14 @@ def test_cli_imports_the_dcmqi_seg_through_the_roi_map(tmp_path: Path) -> None:
 # ---- the real sarcoma data ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ibsi(tmp_path_factory: pytest.TempPathFactory) -> tuple[ImportResult, float]:
-    """All 18 IBSI cases imported once for the module (RTSTRUCT, ``tumour: ["GTV*"]``)."""
+    """All 18 IBSI cases imported once for the module with the sarcoma preset's committed ROI map
+    (``data_manifests/sarcoma_roi_map.yaml``: ``tumour: ["GTV*"]``)."""
     if not IBSI.is_dir():
         pytest.skip(f"real data not found at {IBSI}")
     out = tmp_path_factory.mktemp("ibsi")
-    (out / "map.yaml").write_text("labels:\n  tumour: ['GTV*']\n")
+    roi_map = Path(__file__).resolve().parents[2] / "data_manifests" / "sarcoma_roi_map.yaml"
     t0 = time.perf_counter()
-    result = import_dicom(IBSI, out / "sts.json", ImportOptions("rtstruct", out / "map.yaml", 0.2, 0.2))
+    result = import_dicom(IBSI, out / "sts.json", ImportOptions("rtstruct", roi_map, 0.2, 0.2))
     return result, time.perf_counter() - t0
 
 
