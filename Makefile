@@ -59,10 +59,11 @@ lint: setup  # checked style: lint, formatting and types of the package (also pa
 
 # Two workers (pytest-xdist), one test file each at a time (--dist loadfile: a module's shared fixture, such as a
 # tiny training, runs once): the suite waits on subprocesses and servers as much as it computes, so 2 workers on
-# 2 cores took 944 s against 1510 s for one. PYTEST_WORKERS=0 runs it in one process.
+# 2 cores took 944 s against 1510 s for one. PYTEST_WORKERS=0 runs it in one process. The 25 slowest tests are
+# listed at the end (where to look when the suite grows).
 PYTEST_WORKERS ?= 2
 test: setup-system lint
-	$(PY) -m pytest -q $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
+	$(PY) -m pytest -q --durations=25 $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

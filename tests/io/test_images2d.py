@@ -167,8 +167,27 @@ def test_cli_imports_the_real_segnet_camvid_with_classes_and_void(tmp_path: Path
     label = read_index_label(m.label_path(case))
     assert np.array_equal(label, np.where(source == 11, 255, source)) and (label == 255).any()
     assert "cases ok" in run_cli("data", "validate", str(out)).stdout
+    _camvid_preset_agrees_with_plan(out)
     bad = run_cli("data", "import-images", str(src), "--format", "voc", "--void", "11", check=False)
     assert bad.returncode == 2 and "--void does not apply to --format voc" in bad.stderr
+
+
+def _camvid_preset_agrees_with_plan(manifest: Path) -> None:
+    """The camvid_unet2d preset takes planning's intensity and void settings for the real train split, and its
+    (half-resolution) crop fits the resized images (the full-size figure is ``benchmarks/camvid.py``)."""
+    from medseg.config import load_config
+
+    line = next(ln for ln in run_cli("data", "plan", str(manifest)).stdout.splitlines()
+                if ln.startswith("suggested overrides:"))
+    cfg = load_config("camvid_unet2d")
+    planned = load_config("camvid_unet2d", line.removeprefix("suggested overrides:").split())
+    assert planned.data.intensity == cfg.data.intensity and planned.data.ignore_index == cfg.data.ignore_index == 255
+    assert "class_weights" not in cfg.loss.params  # measured to cost mIoU at this budget (see the preset)
+    stride = 2 ** len(cfg.model.params["strides"])
+    assert cfg.data.resize is not None
+    assert all(p <= r and p % stride == 0 for p, r in zip(cfg.data.patch_size, cfg.data.resize, strict=True))
+    assert all(w >= r and w % stride == 0 for w, r in zip(cfg.roi_size, cfg.data.resize, strict=True))
+    assert cfg.optimizer.schedule_span == "time_budget" and cfg.train.max_minutes is not None
 
 
 def test_labelme_shapes_are_rasterised_in_order(tmp_path: Path) -> None:
