@@ -66,9 +66,9 @@ def test_time_budget_ends_the_run_after_the_epoch_in_progress(tiny_phantom: Path
 
 
 def test_time_budget_schedule_anneals_the_lr_within_the_budget(tiny_phantom: Path, tmp_path: Path) -> None:
-    # 1000 epochs planned, a few seconds of budget: the epoch-span poly would still be at ~99.9 % of the base LR when
+    # 1000 epochs planned, 9 seconds of budget: the epoch-span poly would still be at ~99.9 % of the base LR when
     # the budget stops the run; the time-budget span follows the clock and ends low.
-    cfg = _cfg(tiny_phantom, tmp_path, "train.epochs=1000", "train.val_every=1000", "train.max_minutes=0.08",
+    cfg = _cfg(tiny_phantom, tmp_path, "train.epochs=1000", "train.val_every=1000", "train.max_minutes=0.15",
                "optimizer.schedule_span=time_budget", "optimizer.lr=0.01")
     trainer = Trainer(cfg, load_manifest(tiny_phantom))
     result = trainer.fit()
@@ -76,7 +76,8 @@ def test_time_budget_schedule_anneals_the_lr_within_the_budget(tiny_phantom: Pat
     lrs = [float(r["lr"]) for r in trainer.history]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0] == 0.01
     final = trainer.optimizer.param_groups[0]["lr"]  # the LR the next epoch would use
-    assert final < 0.01 * (1 - trainer.budget_spent) ** 0.9 + 1e-9 and final < 0.01 * 0.5
+    spent = min(1.0, trainer.budget_spent)  # the last epoch may end past the budget (> 1); the schedule clamps it
+    assert final < 0.01 * (1 - spent) ** 0.9 + 1e-9 and final < 0.01 * 0.5
     assert trainer.budget_spent > 0.5
 
 
