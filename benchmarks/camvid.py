@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import yaml
-from cli_stages import MEDSEG, REPO, child_env, run_stage, run_stages, write_json
+from cli_stages import REPO, child_env, run_stage, train_beside_plain_and_score, write_json
 
 DATA = REPO.parent / "shared" / "data" / "camvid"
 CLASSES = REPO / "data_manifests" / "camvid_classes.txt"
@@ -130,7 +130,7 @@ def main() -> int:
     env, t_start = child_env(1), time.perf_counter()
     if dataset_class_list(a.data) != committed_classes():
         sys.exit(f"{CLASSES}: differs from the dataset's own class list {dataset_class_list(a.data)}")
-    manifest, preds, run_dir = work / "camvid.json", work / "predictions", work / "runs" / "bench"
+    manifest, run_dir = work / "camvid.json", work / "runs" / "bench"
     stages = {
         "import": run_stage(
             "import",
@@ -154,39 +154,19 @@ def main() -> int:
     }
     stages["plan"] = run_stage("plan", ["data", "plan", str(manifest)], env, REPO, logs)
     print("  " + next(ln for ln in (logs / "plan.log").read_text().splitlines() if ln.startswith("suggested")))
-    train = [
-        *MEDSEG,
-        "train",
-        a.preset,
-        f"data.manifest={manifest}",
-        f"train.output_dir={run_dir.parent}",
-        f"train.run_name={run_dir.name}",
-        f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
-        "train.num_threads=1",
-        f"train.max_minutes={minutes}",
-        *a.overrides,
-    ]
     plain_json = work / "plain.json"
     stages.update(
-        run_stages(
-            {
-                "train": train,
-                "plain_baseline": plain_argv(cfg, manifest, minutes, plain_json, int(cfg["train"].get("seed", 0))),
-            },
+        train_beside_plain_and_score(
+            a.preset,
+            manifest,
+            work,
+            plain_argv(cfg, manifest, minutes, plain_json, int(cfg["train"].get("seed", 0))),
+            "val",
+            minutes,
+            a.overrides,
             env,
-            REPO,
             logs,
         )
-    )
-    stages["predict"] = run_stage(
-        "predict",
-        ["predict", "--model", str(run_dir), "--input", str(manifest), "--split", "val", "--output", str(preds)],
-        env,
-        REPO,
-        logs,
-    )
-    stages["evaluate"] = run_stage(
-        "evaluate", ["evaluate", "--pred", str(preds), "--manifest", str(manifest), "--split", "val"], env, REPO, logs
     )
     n_train = len([e for e in json.loads(manifest.read_text())["training"] if e["split"] == "train"])
     ms = medseg_result(work, run_dir, cfg, n_train)

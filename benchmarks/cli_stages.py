@@ -64,6 +64,47 @@ def run_stage(name: str, args: list[str], env: dict[str, str], cwd: Path, log_di
     return run_stages({name: [*MEDSEG, *args]}, env, cwd, log_dir)[name]
 
 
+def train_beside_plain_and_score(
+    preset: str,
+    manifest: Path,
+    work: Path,
+    plain: list[str],
+    split: str,
+    minutes: float,
+    overrides: list[str],
+    env: dict[str, str],
+    logs: Path,
+) -> dict[str, dict]:
+    """``medseg train PRESET`` (one thread, ``minutes``) and the ``plain`` baseline command side by side, then
+    ``medseg predict`` and ``medseg evaluate`` of ``split``: run in ``WORK/runs/bench``, masks in ``WORK/predictions``.
+    Returns the four stages' wall times and peak memory."""
+    run_dir, preds = work / "runs" / "bench", work / "predictions"
+    train = [
+        *MEDSEG,
+        "train",
+        preset,
+        f"data.manifest={manifest}",
+        f"train.output_dir={run_dir.parent}",
+        f"train.run_name={run_dir.name}",
+        f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
+        "train.num_threads=1",
+        f"train.max_minutes={minutes}",
+        *overrides,
+    ]
+    stages = run_stages({"train": train, "plain_baseline": plain}, env, REPO, logs)
+    stages["predict"] = run_stage(
+        "predict",
+        ["predict", "--model", str(run_dir), "--input", str(manifest), "--split", split, "--output", str(preds)],
+        env,
+        REPO,
+        logs,
+    )
+    stages["evaluate"] = run_stage(
+        "evaluate", ["evaluate", "--pred", str(preds), "--manifest", str(manifest), "--split", split], env, REPO, logs
+    )
+    return stages
+
+
 def splits_of(manifest: Path) -> dict[str, list[str]]:
     """Case ids per split of a manifest file."""
     doc = json.loads(manifest.read_text())

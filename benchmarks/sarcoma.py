@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import yaml
-from cli_stages import MEDSEG, REPO, child_env, run_stage, run_stages, splits_of, write_json
+from cli_stages import REPO, child_env, run_stage, splits_of, train_beside_plain_and_score, write_json
 
 DATA = REPO.parent / "shared" / "data" / "ibsi_sts_ct"
 ROI_MAP = REPO / "data_manifests" / "sarcoma_roi_map.yaml"
@@ -133,31 +133,19 @@ def main() -> int:
     split = splits_of(manifest)
     print(f"  split: {len(split['train'])} train / {len(split['val'])} val / {len(split['test'])} test (held out)")
     stages["plan"] = run_stage("plan", ["data", "plan", str(manifest)], env, REPO, logs)
-    train = [
-        *MEDSEG,
-        "train",
-        a.preset,
-        f"data.manifest={manifest}",
-        f"train.output_dir={run_dir.parent}",
-        f"train.run_name={run_dir.name}",
-        f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
-        "train.num_threads=1",
-        f"train.max_minutes={minutes}",
-        *a.overrides,
-    ]
     plain_json = work / "plain.json"
     stages.update(
-        run_stages({"train": train, "plain_baseline": plain_argv(cfg, manifest, minutes, plain_json)}, env, REPO, logs)
-    )
-    stages["predict"] = run_stage(
-        "predict",
-        ["predict", "--model", str(run_dir), "--input", str(manifest), "--split", "test", "--output", str(preds)],
-        env,
-        REPO,
-        logs,
-    )
-    stages["evaluate"] = run_stage(
-        "evaluate", ["evaluate", "--pred", str(preds), "--manifest", str(manifest), "--split", "test"], env, REPO, logs
+        train_beside_plain_and_score(
+            a.preset,
+            manifest,
+            work,
+            plain_argv(cfg, manifest, minutes, plain_json),
+            "test",
+            minutes,
+            a.overrides,
+            env,
+            logs,
+        )
     )
     ms_cases, pj = medseg_cases(preds), json.loads(plain_json.read_text())
     ms, pl = stats(ms_cases), stats(pj["cases"])
