@@ -17,6 +17,7 @@ import typer
 
 from medseg.cli_common import MODEL_HELP, STATE, OldOut, flush_warnings, renamed, setup_logging
 from medseg.cli_data import data_app
+from medseg.cli_ensemble import ensemble
 from medseg.cli_export import export
 from medseg.cli_pacs import pacs_app
 from medseg.cli_runs import runs_app
@@ -39,6 +40,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(runs_app, name="runs")
 app.add_typer(pacs_app, name="pacs")
 app.command("export")(export)
+app.command("ensemble")(ensemble)
 
 
 @app.callback()

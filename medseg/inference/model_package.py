@@ -14,6 +14,9 @@ alias is resolved to the version it points at once, and that version is download
 A local ``medseg export`` folder (``medseg.json`` + ``model.onnx`` or ``model.torchscript.pt`` + the package's
 ``config.yaml`` and ``metadata.json``) loads too: its ``ModelPackage.export`` is medseg.json, and ``build`` gives
 the exported network behind a torch module (``onnx_network``), so the predictor runs it like any package.
+
+An ensemble folder (``medseg ensemble``: ``ensemble.json`` + config + model card + ``members/K/`` packages) loads
+with ``ModelPackage.members`` set; ``build`` gives the members' mean-probability ``EnsembleNetwork``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch.nn as nn
 import medseg
 from medseg.config import Config, config_from_yaml_text
 from medseg.errors import InputError
+from medseg.inference.ensemble_network import EnsembleNetwork
 from medseg.inference.onnx_network import MEDSEG_JSON, check_export_folder, exported_network
 from medseg.io.atomic import write_atomic, write_json_atomic, write_text_atomic
 from medseg.io.manifest import Manifest
@@ -40,6 +44,7 @@ from medseg.models import build_model
 
 WEIGHTS, CONFIG, METADATA, MLMODEL = "model.pt", "config.yaml", "metadata.json", "MLmodel"
 PLANS = "plans.json"
+ENSEMBLE_JSON, ENSEMBLE_FORMAT = "ensemble.json", "medseg-ensemble/1"  # written by ``inference.ensemble``
 
 
 @dataclass
@@ -51,6 +56,7 @@ class ModelPackage:
     metadata: dict[str, Any]
     resolved_ref: str | None = None  # ``models:/NAME/VERSION`` that a ``models:/NAME@ALIAS`` reference resolved to
     export: dict[str, Any] | None = None  # medseg.json of a ``medseg export`` folder: ``build`` runs its file
+    members: list[ModelPackage] | None = None  # an ensemble's member packages: ``build`` averages their softmax
 
     @property
     def labels(self) -> dict[str, int]:
@@ -67,6 +73,8 @@ class ModelPackage:
         fp32 only, behind a torch module)."""
         if self.export is not None:
             return exported_network(self.path, self.export, self.config.roi_size, device)
+        if self.members is not None:
+            return EnsembleNetwork([m.build(device) for m in self.members]).to(device).eval()
         cfg = self.config.model
         # The trained weights replace any pretrained encoder, so the training-time file is not needed here.
         params = {k: v for k, v in cfg.params.items() if k != "pretrained_path"}
@@ -238,8 +246,11 @@ def resolve_model_alias(ref: str, tracking_uri: str | None = None) -> str:
 def find_package_dir(path: Path) -> Path:
     """The package folder at or under ``path`` (package itself, run folder, or MLflow model folder)."""
     for cand in (path, path / "model", path / "artifacts" / "model", path / "model" / "artifacts" / "model"):
-        if (cand / WEIGHTS).is_file() and (cand / CONFIG).is_file():
+        if ((cand / WEIGHTS).is_file() or (cand / ENSEMBLE_JSON).is_file()) and (cand / CONFIG).is_file():
             return cand
+    ensembles = sorted(p.parent for p in path.rglob(ENSEMBLE_JSON) if (p.parent / CONFIG).is_file())
+    if len(ensembles) == 1:  # a folder holding one ensemble (its members are packages too)
+        return ensembles[0]
     hits = sorted(p.parent for p in path.rglob(WEIGHTS) if (p.parent / CONFIG).is_file())
     if len(hits) == 1:
         return hits[0]
@@ -263,7 +274,27 @@ def load_package(ref: str | Path, tracking_uri: str | None = None) -> ModelPacka
         return load_export(path)
     pkg = find_package_dir(path)
     cfg, meta = read_config_and_card(pkg)
-    return ModelPackage(pkg, cfg, meta, resolved_ref=resolved if resolved != ref_s else None)
+    members = load_members(pkg) if (pkg / ENSEMBLE_JSON).is_file() else None
+    return ModelPackage(pkg, cfg, meta, resolved_ref=resolved if resolved != ref_s else None, members=members)
+
+
+def load_members(pkg: Path) -> list[ModelPackage]:
+    """The member packages an ensemble folder's ``ensemble.json`` lists (each inside the folder, each checked)."""
+    record = _read_json_object(pkg / ENSEMBLE_JSON, "ensemble record")
+    entries = record.get("members")
+    if record.get("format") != ENSEMBLE_FORMAT or not isinstance(entries, list) or not entries:
+        raise InputError(pkg / ENSEMBLE_JSON, f"not a {ENSEMBLE_FORMAT} record with a list of members")
+    members = []
+    root = pkg.resolve()
+    for entry in entries:
+        rel = entry.get("path") if isinstance(entry, dict) else None
+        folder = (pkg / str(rel)).resolve() if isinstance(rel, str) else None
+        if folder is None or not folder.is_relative_to(root) or folder == root:
+            raise InputError(pkg / ENSEMBLE_JSON, f"member path {rel!r} is not a folder inside the ensemble")
+        if not (folder / WEIGHTS).is_file():
+            raise InputError(folder, "ensemble member has no model.pt")
+        members.append(ModelPackage(folder, *read_config_and_card(folder)))
+    return members
 
 
 def read_config_and_card(pkg: Path) -> tuple[Config, dict[str, Any]]:
