@@ -17,6 +17,9 @@ resident memory of each stage's process (psutil, sampled every 0.2 s), and the m
 without the preset's mirror TTA (a second prediction, not counted in the total). A JSON
 copy goes to ``WORKDIR/benchmark.json``. Exit status 1 if the mean Dice is below ``--target``.
 
+``--seeds N`` (N > 1) trains N seeds of the preset at the same time, one thread each, in the same wall-clock budget,
+joins them with ``medseg ensemble`` (mean softmax) and scores the ensemble; the first seed alone is scored beside it.
+
 ``--threads N`` sets ``OMP_NUM_THREADS`` for the child processes: on a machine whose cores are shared
 with other jobs, one intra-op thread per process avoids the oversubscription slowdown of PyTorch's
 OpenMP pool (several times slower per step when its threads wait on descheduled siblings).
@@ -31,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from cli_stages import REPO, child_env, run_stage, splits_of, write_json
+from cli_stages import MEDSEG, REPO, child_env, run_stage, run_stages, splits_of, write_json
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hippocampus"
 COMMITTED = REPO / "data_manifests" / "hippocampus.json"
@@ -45,6 +48,40 @@ def mean_dice(preds: Path) -> tuple[dict, float]:
     return summary, sum(o["dice"]["mean"] for o in organs.values()) / len(organs)
 
 
+def train_models(a: argparse.Namespace, manifest: Path, work: Path, env: dict[str, str], logs: Path,
+                 stages: dict) -> tuple[Path, Path, bool]:
+    """Train the preset (or ``--seeds`` of it at once, one thread each, then ``medseg ensemble`` them).
+
+    Returns (the model to predict with, the first run's folder, whether the model is an ensemble)."""
+    common = [f"data.manifest={manifest}", f"train.output_dir={work / 'runs'}"]
+    if a.seeds <= 1:
+        stages["train"] = run_stage("train", ["train", a.preset, *common, "train.run_name=bench",
+                                              f"tracking.uri=sqlite:///{work / 'mlflow.db'}", *a.overrides], env, REPO, logs)
+        return work / "runs" / "bench", work / "runs" / "bench", False
+    runs = [work / "runs" / f"bench_seed{k}" for k in range(a.seeds)]
+    # One SQLite store per seed: MLflow creating one new SQLite store from two processes at once fails in one of them
+    # ("table runs already exists"); a tracking server (or a store created beforehand) has no such race.
+    argv = {f"train_seed{k}": [*MEDSEG, "train", a.preset, *common, f"train.run_name={r.name}", f"train.seed={k}",
+                                "train.num_threads=1", f"tracking.uri=sqlite:///{work / f'mlflow_seed{k}.db'}",
+                                *a.overrides] for k, r in enumerate(runs)}
+    trained = run_stages(argv, child_env(1), REPO, logs)
+    stages["train"] = {"wall_s": max(t["wall_s"] for t in trained.values()),
+                       "peak_rss_mib": sum(t["peak_rss_mib"] for t in trained.values())}
+    ensemble = work / "ensemble"
+    stages["ensemble"] = run_stage("ensemble", ["ensemble", *map(str, runs), "--output", str(ensemble)], env, REPO, logs)
+    return ensemble, runs[0], True
+
+
+def score_single(run_dir: Path, manifest: Path, work: Path, env: dict[str, str], logs: Path) -> float:
+    """Mean test Dice of one ensemble member alone (the ensemble's gain), not counted in the total."""
+    preds = work / "predictions_first_seed"
+    run_stage("predict_first_seed", ["predict", "--model", str(run_dir), "--input", str(manifest), "--split", "test",
+                                     "--output", str(preds)], env, REPO, logs)
+    run_stage("evaluate_first_seed", ["evaluate", "--pred", str(preds), "--manifest", str(manifest), "--split", "test"],
+              env, REPO, logs)
+    return mean_dice(preds)[1]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("hippocampus_benchmark"))
@@ -52,6 +89,9 @@ def main() -> int:
     ap.add_argument("--preset", default="hippocampus_unet3d")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the child processes")
     ap.add_argument("--target", type=float, default=0.89, help="mean test Dice over both structures to reach")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="N > 1: train N seeds at once (one thread each, the same budget) and predict with their "
+                         "`medseg ensemble`; the first seed alone is scored too")
     ap.add_argument("overrides", nargs="*", help="extra KEY=VALUE overrides for training (e.g. train.max_minutes=5)")
     a = ap.parse_args()
 
@@ -60,7 +100,7 @@ def main() -> int:
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     env = child_env(a.threads)
-    manifest, preds, run_dir = work / "hippocampus.json", work / "predictions", work / "runs" / "bench"
+    manifest, preds = work / "hippocampus.json", work / "predictions"
     stages: dict[str, dict[str, float]] = {}
     t_start = time.perf_counter()
     print(f"hippocampus benchmark in {work} (preset {a.preset}, threads {a.threads or 'default'})", flush=True)
@@ -74,21 +114,20 @@ def main() -> int:
     stages["plan"] = run_stage("plan", ["data", "plan", str(manifest)], env, REPO, logs)
     print("  " + next(ln for ln in (logs / "plan.log").read_text().splitlines() if ln.startswith("suggested")))
 
-    stages["train"] = run_stage("train", ["train", a.preset, f"data.manifest={manifest}", f"train.output_dir={run_dir.parent}",
-                                          f"train.run_name={run_dir.name}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
-                                          *a.overrides], env, REPO, logs)
-    stages["predict"] = run_stage("predict", ["predict", "--model", str(run_dir), "--input", str(manifest), "--split", "test",
+    model, run_dir, is_ensemble = train_models(a, manifest, work, env, logs, stages)
+    stages["predict"] = run_stage("predict", ["predict", "--model", str(model), "--input", str(manifest), "--split", "test",
                                               "--output", str(preds)], env, REPO, logs)
     stages["evaluate"] = run_stage("evaluate", ["evaluate", "--pred", str(preds), "--manifest", str(manifest), "--split", "test"],
                                    env, REPO, logs)
     total = time.perf_counter() - t_start
     # Ablation at no training cost: the same model without the preset's mirror TTA (not counted in the total).
     plain_preds = work / "predictions_no_tta"
-    run_stage("predict_no_tta", ["predict", "--model", str(run_dir), "--input", str(manifest), "--split", "test",
+    run_stage("predict_no_tta", ["predict", "--model", str(model), "--input", str(manifest), "--split", "test",
                                  "--output", str(plain_preds), "--set", "inference.tta_mirror=false"], env, REPO, logs)
     run_stage("evaluate_no_tta", ["evaluate", "--pred", str(plain_preds), "--manifest", str(manifest), "--split",
                                   "test"], env, REPO, logs)
     no_tta = mean_dice(plain_preds)[1]
+    first_seed = score_single(run_dir, manifest, work, env, logs) if is_ensemble else None
 
     with (run_dir / "history.csv").open() as fh:
         history = list(csv.DictReader(fh))
@@ -106,6 +145,8 @@ def main() -> int:
           f"without mirror TTA {no_tta:.4f}")
     print(f"epochs done: {len(history)} (best epoch {int(meta.get('epoch', -1)) + 1}, "
           f"val mean Dice {meta.get('val_metrics', {}).get('val_dice_mean', float('nan')):.4f})")
+    if first_seed is not None:
+        print(f"ensemble of {a.seeds} seeds; the first seed alone: mean Dice {first_seed:.4f}")
     print(f"wall time: train {stages['train']['wall_s']:.0f} s, predict {stages['predict']['wall_s']:.0f} s, "
           f"evaluate {stages['evaluate']['wall_s']:.0f} s, total {total:.0f} s")
     print(f"peak memory: train {stages['train']['peak_rss_mib']:.0f} MiB, predict {stages['predict']['peak_rss_mib']:.0f} MiB")
@@ -113,7 +154,7 @@ def main() -> int:
     result = {"preset": a.preset, "threads": a.threads, "overrides": a.overrides,
               "split": {k: len(v) for k, v in split.items()},
               "test": {n: {m: organs[n][m] for m in ("dice", "iou", "hd95")} for n in organs}, "mean_dice": mean,
-              "mean_dice_without_tta": no_tta,
+              "mean_dice_without_tta": no_tta, "seeds": a.seeds, "mean_dice_first_seed_alone": first_seed,
               "target": a.target, "reached": ok, "epochs_done": len(history), "best_epoch": meta.get("epoch"),
               "stages": stages, "total_wall_s": round(total, 1)}
     write_json(work / "benchmark.json", result)
