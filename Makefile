@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medseg-installed
 
-.PHONY: setup setup-system demo lint test test-slow test-gpu benchmarks clean
+.PHONY: setup setup-system demo lint test test-slow test-gpu benchmarks bench-nnunet-env clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,14 @@ test-slow: setup
 
 test-gpu: setup  # on a CUDA server: AMP training, GPU inference vs CPU, NCCL torchrun
 	$(PY) -m pytest -q -m gpu tests/test_gpu.py
+
+# nnU-Net v2's predictor, the second reference of benchmarks/inference.py, in its own venv: nnunetv2 pulls a
+# torchvision that does not import beside the CPU torch wheel, so it stays out of the project's venv.
+NNUNET_VENV ?= .venv-nnunet
+bench-nnunet-env:
+	test -x $(NNUNET_VENV)/bin/python || $(PYTHON) -m venv $(NNUNET_VENV)
+	$(NNUNET_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(NNUNET_VENV)/bin/python -m pip install -q nnunetv2==2.8.1 "$(TORCH_SPEC)"
 
 clean:
 	rm -rf demo_run .pytest_cache

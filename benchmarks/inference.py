@@ -14,6 +14,10 @@ network (weights fixed by a seed, instance norm) with the same ROI and overlap:
 - medseg: ``Predictor.predict`` on the in-memory image (preprocessing, body crop, body-free windows skipped,
   inversion, argmax), once per ``inference.window_grid`` setting.
 
+- nnU-Net v2's predictor (``predict_single_npy_array``: preprocessing, sliding window with Gaussian blending, export
+  to labels) with the same network, as a second reference, in its own venv (``make bench-nnunet-env``; run by
+  ``nnunet_reference.py``, skipped with a message when ``--nnunet-python`` is missing).
+
 With ``window_grid=whole`` medseg keeps the plain call's window grid, so inside the body the two must agree to
 float precision (an untrained network is the hard case: it has no confident margins that would hide a
 different answer). ``window_grid=body`` tiles the body's box with its own grid: fewer windows, other numbers.
@@ -40,7 +44,9 @@ import argparse
 import copy
 import gc
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +71,27 @@ from medseg.runtime.memory import PeakMemory  # noqa: E402
 from medseg.runtime.precision import cpu_has_native_bf16  # noqa: E402
 
 LOWER, UPPER = -200.0, 300.0
+REPO = Path(__file__).resolve().parents[1]
+NNUNET_PYTHON = REPO / ".venv-nnunet" / "bin" / "python"  # `make bench-nnunet-env`
+
+
+def nnunet_predictor(python: Path, tmp: Path, vol: np.ndarray, net: torch.nn.Module, spacing: list[float], roi,
+                     overlap: float, classes: int, rounds: int) -> tuple[np.ndarray, dict] | None:
+    """nnU-Net v2's predictor on ``vol`` with the same network (``nnunet_reference.py`` in its own venv, TorchScript
+    network), or None with a message when that venv is missing. Returns (labels, {seconds, peak_rss_mib, ...})."""
+    if not python.is_file():
+        print(f"  nnU-Net predictor: skipped ({python} missing; `make bench-nnunet-env` installs nnunetv2 2.8.1 there)")
+        return None
+    np.save(tmp / "nnunet_volume.npy", vol)
+    with torch.no_grad():  # traced outside inference mode: its tensors could not be saved
+        torch.jit.trace(copy.deepcopy(net).eval(), torch.zeros(1, 1, *roi)).save(str(tmp / "nnunet_network.pt"))
+    argv = [str(python), str(REPO / "benchmarks" / "nnunet_reference.py"), "--volume", str(tmp / "nnunet_volume.npy"),
+            "--network", str(tmp / "nnunet_network.pt"), "--out", str(tmp / "nnunet_out.npz"),
+            "--spacing", *map(str, spacing), "--roi", *map(str, roi), "--overlap", str(overlap), "--classes", str(classes),
+            "--lower", str(LOWER), "--upper", str(UPPER), "--threads", str(torch.get_num_threads()), "--rounds", str(rounds)]
+    subprocess.run(argv, check=True)
+    out = np.load(tmp / "nnunet_out.npz")
+    return out["labels"], json.loads(str(out["info"]))
 
 
 def synthetic_ct(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
@@ -206,6 +233,8 @@ def main() -> None:
     ap.add_argument("--precision-shape", type=int, nargs=3, default=[160, 160, 64],
                     help="volume of the precision cases (bf16 is emulated, slow, on CPUs without native bf16)")
     ap.add_argument("--precision-rounds", type=int, default=1, help="timing rounds of the precision cases (median)")
+    ap.add_argument("--nnunet-python", type=Path, default=NNUNET_PYTHON,
+                    help="python of a venv with nnunetv2 (the second reference; skipped with a message when missing)")
     ap.add_argument("--bounded-spacing", type=float, nargs=3, default=[1.0, 1.0, 1.5],
                     help="also run memory-bounded mode for a model trained at this spacing (the scan is 0.8x0.8x1.5 mm): "
                          "resampled to the model's grid and back slab by slab; 0 0 0 skips it")
@@ -266,6 +295,20 @@ def main() -> None:
                 print(f"    inside the body, vs the sw_batch_size={args.sw_batch} plain call: label agreement {agree:.5f}, "
                       f"max |prob diff| {diff:.3g}")
                 del pred, med_probs
+            ref = nnunet_predictor(args.nnunet_python, Path(d), vol, net, [0.8, 0.8, 1.5], tuple(args.roi), args.overlap,
+                                   pkg.num_classes, args.rounds)
+            if ref is not None:
+                nn_labels, info = ref
+                t_nn = info["seconds"]
+                print(f"  nnU-Net v2 predictor (predict_single_npy_array, same network, Gaussian, no mirroring): {t_nn:7.2f} s"
+                      f"  {nvox / t_nn:7.2f} Mvox/s  peak RSS {info['peak_rss_mib']:7.0f} MiB (its process)"
+                      f"   [rounds: {', '.join(f'{t:.1f}' for t in info['rounds'])} s]")
+                for ref_name, t_plain in t_plains.items():
+                    print(f"    vs {ref_name}: throughput {t_plain / t_nn:.2f}x")
+                for grid in args.grids:
+                    print(f"    medseg window_grid={grid} vs nnU-Net: throughput {t_nn / float(np.median(times[grid])):.2f}x")
+                print(f"    inside the body, vs the sw_batch_size={args.sw_batch} plain call: label agreement "
+                      f"{float((nn_labels == plain_labels)[body].mean()):.5f} (its own window grid and Gaussian weights)")
             del predictors, runs
             del vol, img, plain_labels, plain_probs, predictor
         if not args.skip_bounded:
