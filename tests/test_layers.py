@@ -26,7 +26,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine", ("medseg.engine",)),
     ("evaluation", ("medseg.evaluation",)),
     ("entry points", ("medseg.workflows", "medseg.demo", "medseg.cli_common", "medseg.cli_data",
-                      "medseg.cli_reference", "medseg.cli_pacs", "medseg.cli_runs", "medseg.cli_export", "medseg.cli")),
+                      "medseg.cli_reference", "medseg.cli_pacs", "medseg.cli_runs", "medseg.cli_export",
+                      "medseg.cli_ensemble", "medseg.cli")),
 ]
 
 
