@@ -14,9 +14,7 @@ killed command leaves no half ensemble. ``load_package`` reads it; ``ModelPackag
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +29,9 @@ from medseg.inference.model_package import (
     WEIGHTS,
     ModelPackage,
     load_package,
+    recorded_preprocessing,
 )
-from medseg.io.atomic import write_json_atomic, write_text_atomic
+from medseg.io.atomic import atomic_folder, write_json_atomic, write_text_atomic
 
 MEMBERS = "members"
 
@@ -48,12 +47,9 @@ def inference_contract(pkg: ModelPackage) -> dict[str, Any]:
         "kind": data.kind,
         "ignore_index": data.ignore_index,
         "resize": list(data.resize) if data.resize else None,
-        "spacing": list(data.spacing) if data.spacing else None,
-        "orientation": data.orientation,
-        "intensity": data.intensity.model_dump(),
+        **recorded_preprocessing(cfg),  # what the model card records too (spacing, orientation, intensity, window)
         "crop_foreground": data.crop_foreground,
         "foreground_threshold": data.foreground_threshold,
-        "roi_size": list(cfg.roi_size),
     }
 
 
@@ -87,10 +83,7 @@ def create_ensemble(refs: list[str], output: str | Path, tracking_uri: str | Non
         raise InputError(out, "already exists: give a new folder for the ensemble")
     members = [load_package(ref, tracking_uri) for ref in refs]
     check_members(members)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        os.chmod(staging, 0o755)  # mkdtemp's 0700 would make the renamed package private to this user
+    with atomic_folder(out) as staging:  # one rename: the ensemble exists whole or not at all
         records = []
         for k, pkg in enumerate(members):
             dest = staging / MEMBERS / str(k)
@@ -106,8 +99,4 @@ def create_ensemble(refs: list[str], output: str | Path, tracking_uri: str | Non
         write_json_atomic(
             staging / ENSEMBLE_JSON, {"format": ENSEMBLE_FORMAT, "combine": "mean_probability", "members": records}
         )
-        os.replace(staging, out)  # one rename: the ensemble exists whole or not at all
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

@@ -113,6 +113,17 @@ def weights_changed(blob: bytes, sha256: str | None) -> str | None:
     )
 
 
+def recorded_preprocessing(cfg: Config) -> dict[str, Any]:
+    """The preprocessing a model card records from its config (spacing, orientation, intensity, window size): what
+    ``check_card`` compares with ``config.yaml`` and ensemble members must share."""
+    return {
+        "spacing": list(cfg.data.spacing) if cfg.data.spacing else None,
+        "orientation": cfg.data.orientation,
+        "intensity": cfg.data.intensity.model_dump(),
+        "roi_size": list(cfg.roi_size),
+    }
+
+
 def save_package(
     out_dir: str | Path,
     model: nn.Module,
@@ -137,10 +148,7 @@ def save_package(
         "in_channels": manifest.num_channels,
         "channel_names": manifest.channel_names,
         "dataset": manifest.name,
-        "spacing": list(cfg.data.spacing) if cfg.data.spacing else None,
-        "orientation": cfg.data.orientation,
-        "intensity": cfg.data.intensity.model_dump(),
-        "roi_size": list(cfg.roi_size),
+        **recorded_preprocessing(cfg),
         "versions": {
             "medseg": medseg.__version__,
             "torch": torch.__version__,
@@ -351,13 +359,9 @@ def check_card(meta: dict[str, Any], cfg: Config, pkg: Path) -> None:
         raise InputError(
             pkg / CONFIG, f"data.class_ratios has {len(ratios)} entries, the model card's label map {n} classes"
         )
-    recorded = {
-        "spacing": list(cfg.data.spacing) if cfg.data.spacing else None,
-        "orientation": cfg.data.orientation,
-        "intensity": cfg.data.intensity.model_dump(),
-        "roi_size": list(cfg.roi_size),
-    }
-    for key, value in recorded.items():  # json round trip: tuples and lists, ints and floats compare as written
+    for key, value in recorded_preprocessing(
+        cfg
+    ).items():  # json round trip: tuples and lists, ints and floats compare as written
         if key in meta and json.loads(json.dumps(meta[key])) != json.loads(json.dumps(value)):
             raise InputError(
                 card, f"{key} {meta[key]} disagrees with config.yaml ({value}); the package mixes two models"

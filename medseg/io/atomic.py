@@ -12,6 +12,7 @@ import contextlib
 import glob
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +41,24 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | Path) -> Iterator[Path]:
+    """Yield a new empty folder beside ``target`` to fill; on success it is renamed onto ``target`` in one step,
+    so ``target`` exists whole or not at all. ``target`` must not exist (``os.replace`` of a folder fails onto a
+    non-empty one). On an error, the folder and what was written into it are removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700: the renamed folder would be private to this user
+    try:
+        yield staging
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone after the rename; what a failure left otherwise
 
 
 def write_atomic(target: str | Path, writer: Callable[[Path], Any], suffix: str = "") -> Path:
