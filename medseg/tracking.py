@@ -35,6 +35,7 @@ from medseg.config import TrackingConfig
 from medseg.errors import MedsegError
 from medseg.io.atomic import write_text_atomic
 from medseg.io.metric_names import mlflow_key
+from medseg.io.store_lock import sqlite_path, sqlite_store_lock
 
 log = logging.getLogger("medseg.tracking")
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
@@ -203,7 +204,8 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient  # heavy import, only when tracking is on
 
         self.uri = uri
-        self.client = _BoundedClient(MlflowClient(tracking_uri=uri))
+        with sqlite_store_lock(uri):  # the client opens its store: a new SQLite one gets its tables, one at a time
+            self.client = _BoundedClient(MlflowClient(tracking_uri=uri))
         self.experiment = experiment
         self.run_id: str | None = None
         self.experiment_id: str | None = None  # once looked up (and its kind tag checked)
@@ -212,14 +214,14 @@ class MlflowTracker:
         """The experiment's id, creating it if needed; the first use tags its kind (a kind set already stays)."""
         if self.experiment_id is not None:
             return self.experiment_id
-        exp = self.client.get_experiment_by_name(self.experiment)
-        if exp is None:
-            artifact_location = None
-            if self.uri.startswith("sqlite:///"):  # keep local artifacts beside the local database
-                artifact_location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-            exp_id = str(self.client.create_experiment(self.experiment, artifact_location=artifact_location))
-            self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        else:
+        with sqlite_store_lock(self.uri):  # two processes creating one experiment: the second finds it
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                db = sqlite_path(self.uri)  # keep local artifacts beside the local database
+                artifact_location = (db.parent / "mlartifacts").as_uri() if db is not None else None
+                exp_id = str(self.client.create_experiment(self.experiment, artifact_location=artifact_location))
+                self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        if exp is not None:
             exp_id = str(exp.experiment_id)
             if EXPERIMENT_KIND_TAG not in exp.tags:
                 self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
