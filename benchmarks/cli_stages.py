@@ -74,10 +74,14 @@ def train_beside_plain_and_score(
     overrides: list[str],
     env: dict[str, str],
     logs: Path,
+    threads: int = 1,
+    one_after_other: bool = False,
 ) -> dict[str, dict]:
-    """``medseg train PRESET`` (one thread, ``minutes``) and the ``plain`` baseline command side by side, then
-    ``medseg predict`` and ``medseg evaluate`` of ``split``: run in ``WORK/runs/bench``, masks in ``WORK/predictions``.
-    Returns the four stages' wall times and peak memory."""
+    """``medseg train PRESET`` (``threads`` threads, ``minutes``) and the ``plain`` baseline command side by side
+    (or, with ``one_after_other``, medseg first, then the baseline: each then has the whole machine for its
+    budget), then ``medseg predict`` and ``medseg evaluate`` of ``split``: run in ``WORK/runs/bench``, masks in
+    ``WORK/predictions``. Returns the four stages' wall times and peak memory (``train`` and ``plain_baseline``
+    as measured, side by side or alone)."""
     run_dir, preds = work / "runs" / "bench", work / "predictions"
     train = [
         *MEDSEG,
@@ -87,22 +91,40 @@ def train_beside_plain_and_score(
         f"train.output_dir={run_dir.parent}",
         f"train.run_name={run_dir.name}",
         f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
-        "train.num_threads=1",
+        f"train.num_threads={threads}",
         f"train.max_minutes={minutes}",
         *overrides,
     ]
-    stages = run_stages({"train": train, "plain_baseline": plain}, env, REPO, logs)
-    stages["predict"] = run_stage(
-        "predict",
-        ["predict", "--model", str(run_dir), "--input", str(manifest), "--split", split, "--output", str(preds)],
-        env,
-        REPO,
-        logs,
-    )
-    stages["evaluate"] = run_stage(
-        "evaluate", ["evaluate", "--pred", str(preds), "--manifest", str(manifest), "--split", split], env, REPO, logs
-    )
+    if one_after_other:
+        stages = run_stages({"train": train}, env, REPO, logs)
+        stages.update(run_stages({"plain_baseline": plain}, env, REPO, logs))
+    else:
+        stages = run_stages({"train": train, "plain_baseline": plain}, env, REPO, logs)
+    stages.update(predict_and_evaluate(run_dir, manifest, split, preds, env, logs))
     return stages
+
+
+def predict_and_evaluate(
+    model: Path,
+    manifest: Path,
+    split: str,
+    preds: Path,
+    env: dict[str, str],
+    logs: Path,
+    tag: str = "",
+    predict_options: tuple[str, ...] = (),
+) -> dict[str, dict]:
+    """``medseg predict`` of ``split`` with ``model`` into ``preds`` (``predict_options`` appended, e.g.
+    ``("--set", "inference.tta_mirror=false")``), then ``medseg evaluate`` of it: stages ``predict{tag}`` and
+    ``evaluate{tag}`` with their wall times and peak memory."""
+    predict = ["predict", "--model", str(model), "--input", str(manifest), "--split", split, "--output", str(preds)]
+    return {
+        f"predict{tag}": run_stage(f"predict{tag}", [*predict, *predict_options], env, REPO, logs),
+        f"evaluate{tag}": run_stage(
+            f"evaluate{tag}", ["evaluate", "--pred", str(preds), "--manifest", str(manifest), "--split", split], env,
+            REPO, logs,
+        ),
+    }
 
 
 def splits_of(manifest: Path) -> dict[str, list[str]]:

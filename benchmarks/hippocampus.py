@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from cli_stages import MEDSEG, REPO, child_env, run_stage, run_stages, splits_of, write_json
+from cli_stages import MEDSEG, REPO, child_env, predict_and_evaluate, run_stage, run_stages, splits_of, write_json
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hippocampus"
 COMMITTED = REPO / "data_manifests" / "hippocampus.json"
@@ -75,10 +75,7 @@ def train_models(a: argparse.Namespace, manifest: Path, work: Path, env: dict[st
 def score_single(run_dir: Path, manifest: Path, work: Path, env: dict[str, str], logs: Path) -> float:
     """Mean test Dice of one ensemble member alone (the ensemble's gain), not counted in the total."""
     preds = work / "predictions_first_seed"
-    run_stage("predict_first_seed", ["predict", "--model", str(run_dir), "--input", str(manifest), "--split", "test",
-                                     "--output", str(preds)], env, REPO, logs)
-    run_stage("evaluate_first_seed", ["evaluate", "--pred", str(preds), "--manifest", str(manifest), "--split", "test"],
-              env, REPO, logs)
+    predict_and_evaluate(run_dir, manifest, "test", preds, env, logs, tag="_first_seed")
     return mean_dice(preds)[1]
 
 
@@ -115,17 +112,12 @@ def main() -> int:
     print("  " + next(ln for ln in (logs / "plan.log").read_text().splitlines() if ln.startswith("suggested")))
 
     model, run_dir, is_ensemble = train_models(a, manifest, work, env, logs, stages)
-    stages["predict"] = run_stage("predict", ["predict", "--model", str(model), "--input", str(manifest), "--split", "test",
-                                              "--output", str(preds)], env, REPO, logs)
-    stages["evaluate"] = run_stage("evaluate", ["evaluate", "--pred", str(preds), "--manifest", str(manifest), "--split", "test"],
-                                   env, REPO, logs)
+    stages.update(predict_and_evaluate(model, manifest, "test", preds, env, logs))
     total = time.perf_counter() - t_start
     # Ablation at no training cost: the same model without the preset's mirror TTA (not counted in the total).
     plain_preds = work / "predictions_no_tta"
-    run_stage("predict_no_tta", ["predict", "--model", str(model), "--input", str(manifest), "--split", "test",
-                                 "--output", str(plain_preds), "--set", "inference.tta_mirror=false"], env, REPO, logs)
-    run_stage("evaluate_no_tta", ["evaluate", "--pred", str(plain_preds), "--manifest", str(manifest), "--split",
-                                  "test"], env, REPO, logs)
+    predict_and_evaluate(model, manifest, "test", plain_preds, env, logs, tag="_no_tta",
+                         predict_options=("--set", "inference.tta_mirror=false"))
     no_tta = mean_dice(plain_preds)[1]
     first_seed = score_single(run_dir, manifest, work, env, logs) if is_ensemble else None
 
