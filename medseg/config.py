@@ -75,7 +75,7 @@ class DataConfig(_Strict):
     augment: bool = True
     augmentations: list[str] = Field(
         default_factory=lambda: ["intensity", "noise"],
-        description="augmentations by registry name (intensity, noise, spatial, flip_lr), applied when augment is true",
+        description="augmentations by registry name (intensity, noise, spatial, flip_lr, flip_all, flip_horizontal), applied when augment is true",
     )
 
     @field_validator("spacing")

@@ -21,7 +21,7 @@ def test_unknown_augmentation_lists_the_valid_names() -> None:
     with pytest.raises(ConfigError) as err:
         check_components(cfg, "my.yaml")
     assert str(err.value) == ("my.yaml: data.augmentations: unknown augmentation 'rotate'; "
-                              "valid names: flip_horizontal, flip_lr, intensity, noise, spatial")
+                              "valid names: flip_all, flip_horizontal, flip_lr, intensity, noise, spatial")
 
 
 def test_unknown_model_names_the_key_and_lists_the_models() -> None:
@@ -65,3 +65,24 @@ def test_load_checked_config_names_the_preset_file_or_defaults() -> None:
     with pytest.raises(ConfigError, match="^defaults: model.name: unknown model 'nope'"):
         load_checked_config(None, ["model.name=nope"])
     assert load_checked_config("phantom_unet3d").model_dump() == load_config("phantom_unet3d").model_dump()
+
+
+def test_flip_all_mirrors_each_axis_independently_with_the_label() -> None:
+    """Over many draws every one of the 8 axis combinations occurs, and the label always follows the image."""
+    import numpy as np
+    import torch
+    from monai.transforms import Compose
+
+    from medseg.data.augmentations import AUGMENTATIONS
+
+    image = torch.arange(4 * 5 * 6, dtype=torch.float32).reshape(1, 4, 5, 6)
+    tf = Compose(AUGMENTATIONS.get("flip_all")(["image", "label"], 3))
+    tf.set_random_state(seed=0)
+    seen = set()
+    for _ in range(80):
+        out = tf({"image": image.clone(), "label": image.clone().long()})
+        img, src = out["image"].numpy()[0], image.numpy()[0]
+        combos = ((), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))
+        seen.add(next(c for c in combos if np.array_equal(np.flip(src, c) if c else src, img)))  # a pure mirror
+        assert np.array_equal(out["label"].numpy()[0], img.astype(np.int64))
+    assert len(seen) == 8

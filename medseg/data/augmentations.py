@@ -51,6 +51,14 @@ def _flip_lr_aug(keys: Sequence[str], spatial_dims: int) -> list[mt.Transform]:
     return [mt.RandFlipd(keys=list(keys), prob=0.5, spatial_axis=0)]
 
 
+@AUGMENTATIONS.register("flip_all")
+def _flip_all_aug(keys: Sequence[str], spatial_dims: int) -> list[mt.Transform]:
+    # Every spatial axis mirrored independently (p = 0.5 each), as nnU-Net's default training does; pairs with
+    # ``inference.tta_axes: [0, 1, 2]``. Image and label move together, so a label keeps its value; whether an
+    # anatomically impossible view (head below feet) helps is the dataset's question: measure it.
+    return [mt.RandFlipd(keys=list(keys), prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)]
+
+
 @AUGMENTATIONS.register("flip_horizontal")
 def _flip_horizontal_aug(keys: Sequence[str], spatial_dims: int) -> list[mt.Transform]:
     # 2D natural images, arrays (C, H, W): mirror the width axis (the last). Not for volumes, where
