@@ -59,8 +59,8 @@ def train_models(a: argparse.Namespace, manifest: Path, work: Path, env: dict[st
                                               f"tracking.uri=sqlite:///{work / 'mlflow.db'}", *a.overrides], env, REPO, logs)
         return work / "runs" / "bench", work / "runs" / "bench", False
     runs = [work / "runs" / f"bench_seed{k}" for k in range(a.seeds)]
-    # One SQLite store per seed: MLflow creating one new SQLite store from two processes at once fails in one of them
-    # ("table runs already exists"); a tracking server (or a store created beforehand) has no such race.
+    # One SQLite store per seed keeps each seed's experiment apart (one shared store works too since medseg sets a new
+    # SQLite store up under a file lock: medseg.io.store_lock).
     argv = {f"train_seed{k}": [*MEDSEG, "train", a.preset, *common, f"train.run_name={r.name}", f"train.seed={k}",
                                 "train.num_threads=1", f"tracking.uri=sqlite:///{work / f'mlflow_seed{k}.db'}",
                                 *a.overrides] for k, r in enumerate(runs)}
