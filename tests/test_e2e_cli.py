@@ -25,6 +25,8 @@ def test_train_predict_evaluate_with_mlflow_server(tmp_path: Path, mlflow_server
 
     p = run_cli("train", "phantom_unet3d", f"data.manifest={manifest}", f"train.output_dir={tmp_path / 'runs'}",
                 "train.run_name=e2e", f"train.epochs={EPOCHS}", "train.val_every=1", "data.samples_per_volume=1",
+                # a coarse grid and small patches: the CLI chain and MLflow record are under test, not accuracy
+                "data.spacing=[4.0, 4.0, 6.0]", "data.patch_size=[32, 32, 16]",
                 "model.params.channels=[8, 16, 32, 64]", "tracking.experiment=e2e",
                 "--tracking-uri", mlflow_server)
     run_dir = tmp_path / "runs" / "e2e"
