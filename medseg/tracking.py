@@ -35,7 +35,7 @@ from medseg.config import TrackingConfig
 from medseg.errors import MedsegError
 from medseg.io.atomic import write_text_atomic
 from medseg.io.metric_names import mlflow_key
-from medseg.io.store_lock import sqlite_path, sqlite_store_lock
+from medseg.io.store_lock import SQLITE_PREFIX, sqlite_path, sqlite_store_lock
 
 log = logging.getLogger("medseg.tracking")
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
@@ -120,7 +120,7 @@ class NullTracker:
 def default_tracking_uri(folder: str | Path | None = None) -> str:
     """``sqlite:///<folder>/mlflow.db`` (absolute), folder defaulting to the working folder."""
     db = (Path(folder) if folder else Path.cwd()).resolve() / "mlflow.db"
-    return f"sqlite:///{db}"
+    return f"{SQLITE_PREFIX}{db}"
 
 
 def resolve_tracking_uri(

@@ -359,9 +359,8 @@ def check_card(meta: dict[str, Any], cfg: Config, pkg: Path) -> None:
         raise InputError(
             pkg / CONFIG, f"data.class_ratios has {len(ratios)} entries, the model card's label map {n} classes"
         )
-    for key, value in recorded_preprocessing(
-        cfg
-    ).items():  # json round trip: tuples and lists, ints and floats compare as written
+    # json round trip: tuples and lists, ints and floats compare as written
+    for key, value in recorded_preprocessing(cfg).items():
         if key in meta and json.loads(json.dumps(meta[key])) != json.loads(json.dumps(value)):
             raise InputError(
                 card, f"{key} {meta[key]} disagrees with config.yaml ({value}); the package mixes two models"
