@@ -52,8 +52,8 @@ setup-system:
 demo: setup
 	$(VENV)/bin/medseg demo --workdir demo_run
 
-lint: setup  # checked style: lint, formatting and types of the package (also part of `make test`)
-	$(VENV)/bin/ruff check medseg
+lint: setup  # checked style: lint of the package, tests and benchmarks; formatting and types of the package (also part of `make test`)
+	$(VENV)/bin/ruff check medseg tests benchmarks
 	$(VENV)/bin/ruff format --check medseg
 	$(VENV)/bin/mypy
 

@@ -78,7 +78,12 @@ def write_dataset(root: Path, cases: int, shape: tuple[int, int, int], seed: int
 def monai_reference(pred: np.ndarray, truth: np.ndarray, tolerance_mm: float) -> dict[str, float]:
     """Dice, HD95, ASSD, NSD per organ with monai.metrics on the whole volume (the plain reference)."""
     import torch
-    from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance, compute_surface_dice
+    from monai.metrics import (
+        compute_average_surface_distance,
+        compute_dice,
+        compute_hausdorff_distance,
+        compute_surface_dice,
+    )
     from monai.networks.utils import one_hot
 
     n = len(ORGANS) + 1

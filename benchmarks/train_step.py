@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from medseg.config import CONFIG_DIR, load_config  # noqa: E402
-from medseg.data.phantom import write_phantom  # noqa: E402
 from medseg.data.kinds import train_transforms  # noqa: E402
+from medseg.data.phantom import write_phantom  # noqa: E402
 from medseg.engine.trainer import Trainer, _case_dicts  # noqa: E402
 from medseg.io.manifest import load_manifest  # noqa: E402
 from medseg.losses import build_loss  # noqa: E402

@@ -10,11 +10,13 @@ import typer
 from medseg.cli import app
 from medseg.cli_reference import README_SECTION, replace_readme_section
 from medseg.cli_reference import cli_reference as render
+from tests.helpers import REPO
 
 
 def cli_reference() -> str:
+    """The CLI reference rendered from the app as it is now."""
     return render(typer.main.get_command(app))
-from tests.helpers import REPO
+
 
 REGENERATE = ".venv/bin/python -m medseg.cli cli-reference --readme README.md"
 

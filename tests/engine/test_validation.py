@@ -11,7 +11,7 @@ import torch
 from monai.data import MetaTensor
 
 from medseg.config import InferenceConfig
-from medseg.engine.validation import SCORERS, CM_KEY, CaseInference, OrganScorer, PixelScorer, validate
+from medseg.engine.validation import CM_KEY, SCORERS, CaseInference, OrganScorer, PixelScorer, validate
 from medseg.runtime.device import Precision
 
 ORGANS = {"a": 1, "b": 2}  # volumes: organs only, background is not scored

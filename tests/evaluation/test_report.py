@@ -16,12 +16,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from scipy import ndimage
 
-from medseg.metrics import volumetric as M
 from medseg.evaluation.compare import compare_rows
 from medseg.evaluation.plots import boxplot_png
 from medseg.evaluation.report import evaluate
 from medseg.evaluation.tracking_io import evaluation_metrics
 from medseg.io.manifest import load_manifest
+from medseg.metrics import volumetric as M
 from tests.conftest import run_cli
 
 ORGANS = ("liver", "spleen", "kidney")

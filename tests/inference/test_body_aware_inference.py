@@ -18,9 +18,9 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
+from medseg.inference.label_maps import argmax_classes
 from medseg.inference.options import apply_inference_overrides
 from medseg.inference.predictor import Predictor
-from medseg.inference.label_maps import argmax_classes
 from tests.helpers import LOWER, UPPER, expected_mask, oracle_model, phantom_package
 
 SHAPE = (72, 64, 40)

@@ -17,8 +17,8 @@ import pytest
 import SimpleITK as sitk
 
 from medseg.inference.batch import run_batch
-from medseg.inference.inputs import discover_inputs
 from medseg.inference.dicom_input import seg_label_array
+from medseg.inference.inputs import discover_inputs
 from medseg.inference.options import apply_inference_overrides
 from medseg.inference.predictor import Predictor
 from medseg.io.dicom_seg import read_dicom_seg

@@ -14,9 +14,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.metrics.volumetric import dice
 from medseg.inference.predictor import Predictor
 from medseg.io.nifti import save_label_like
+from medseg.metrics.volumetric import dice
 from tests.helpers import expected_mask, oracle_model, phantom_package
 
 

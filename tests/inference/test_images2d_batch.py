@@ -24,8 +24,8 @@ from PIL import Image
 from medseg.config import load_config
 from medseg.errors import InputError
 from medseg.inference.batch import run_batch
-from medseg.inference.inputs import discover_inputs
 from medseg.inference.images2d import ImagePredictor
+from medseg.inference.inputs import discover_inputs
 from medseg.inference.model_package import load_package, save_package
 from medseg.inference.shard import select_shard
 from medseg.io.images2d.common import Pair, build_manifest, write_index_png

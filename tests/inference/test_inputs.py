@@ -13,8 +13,14 @@ import pytest
 from PIL import Image
 
 from medseg.errors import InputError
-from medseg.inference.inputs import (InputCase, case_sha256, discover_images, discover_inputs, is_image_input,
-                                     sha256_file)
+from medseg.inference.inputs import (
+    InputCase,
+    case_sha256,
+    discover_images,
+    discover_inputs,
+    is_image_input,
+    sha256_file,
+)
 
 
 def _nifti(path: Path, seed: int = 0) -> Path:

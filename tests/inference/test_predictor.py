@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.metrics.volumetric import dice
 from medseg.inference.options import apply_inference_overrides
 from medseg.inference.predictor import Predictor
+from medseg.metrics.volumetric import dice
 from tests.helpers import expected_mask, oracle_model, phantom_package
 
 

@@ -13,8 +13,17 @@ from monai.data import MetaTensor
 
 from medseg.config import DataConfig, load_config
 from medseg.data.volume_transforms import ForegroundAbove
-from medseg.inference.preparation import (FOREGROUND_MARGIN, STAT_SLAB, IntensityNormaliser, body_mask, expand_box,
-                                          raw_body_box, raw_threshold, raw_window_box, spatial_transforms)
+from medseg.inference.preparation import (
+    FOREGROUND_MARGIN,
+    STAT_SLAB,
+    IntensityNormaliser,
+    body_mask,
+    expand_box,
+    raw_body_box,
+    raw_threshold,
+    raw_window_box,
+    spatial_transforms,
+)
 from medseg.inference.window_grid import aligned_box, body_extent
 
 

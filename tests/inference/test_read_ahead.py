@@ -12,8 +12,8 @@ import numpy as np
 
 from medseg.inference.batch import run_batch
 from medseg.inference.inputs import case_sha256, discover_inputs
-from medseg.inference.read_ahead import ReadAhead
 from medseg.inference.predictor import Predictor
+from medseg.inference.read_ahead import ReadAhead
 from tests.helpers import copy_phantom_scans, oracle_model, phantom_package
 
 

@@ -10,8 +10,15 @@ from pathlib import Path
 import pytest
 
 from medseg.inference.inputs import InputCase
-from medseg.inference.records import (BatchReport, case_records, is_complete, outputs_of, probabilities_name,
-                                      remove_stale_temps, write_summary)
+from medseg.inference.records import (
+    BatchReport,
+    case_records,
+    is_complete,
+    outputs_of,
+    probabilities_name,
+    remove_stale_temps,
+    write_summary,
+)
 from medseg.io.atomic import atomic_path, write_json_atomic
 
 LABELS = {"background": 0, "spleen": 2, "liver": 1}

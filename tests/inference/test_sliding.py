@@ -8,8 +8,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from medseg.config import InferenceConfig
-from medseg.inference.sliding import (BACKGROUND_LOGIT, SliceWise, WindowRunner, channels_last, network_fn,
-                                      window_logits)
+from medseg.inference.sliding import BACKGROUND_LOGIT, SliceWise, WindowRunner, channels_last, network_fn, window_logits
 from medseg.inference.window_grid import BodyWindows
 from medseg.runtime.device import Precision
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+
 import pytest
 import torch
 from monai.inferers import sliding_window_inference

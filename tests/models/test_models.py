@@ -16,8 +16,8 @@ import torch.nn as nn
 
 from medseg.errors import InputError
 from medseg.models import MODELS, build_model
-from medseg.models.upsample import UPSAMPLE_MODES, make_upsample
 from medseg.models.unet_resnet import build_unet_resnet
+from medseg.models.upsample import UPSAMPLE_MODES, make_upsample
 
 
 class Spec(NamedTuple):
