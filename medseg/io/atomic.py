@@ -49,19 +49,29 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_folder(target: str | Path) -> Iterator[Path]:
-    """Yield a new empty folder beside ``target`` to fill; on success it is renamed onto ``target`` in one step,
-    so ``target`` exists whole or not at all. ``target`` must not exist (``os.replace`` of a folder fails onto a
-    non-empty one). On an error, the folder and what was written into it are removed."""
+def atomic_folder(target: str | Path, staging_dir: str | Path | None = None, replace: bool = False) -> Iterator[Path]:
+    """Yield a new empty folder to fill; on success it is renamed onto ``target`` in one step, so ``target``
+    exists whole or not at all. On an error, the folder and what was written into it are removed.
+
+    The folder is made in ``staging_dir`` (default: beside ``target``; it must be on the same file system). An
+    existing ``target`` is an error (``os.replace`` of a folder fails onto a non-empty one) unless ``replace``:
+    then the old folder is moved aside into the staging area first and removed once the new one is in place.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    where = Path(staging_dir) if staging_dir is not None else target.parent
+    where.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=where))
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700: the renamed folder would be private to this user
+    old = staging.with_suffix(".old")
     try:
         yield staging
+        if replace and target.exists():
+            os.replace(target, old)
         os.replace(staging, target)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone after the rename; what a failure left otherwise
+        for leftover in (staging, old):  # gone after the renames; what a failure left otherwise
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def write_atomic(target: str | Path, writer: Callable[[Path], Any], suffix: str = "") -> Path:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 
 from medseg.errors import InputError, MedsegError
+from medseg.io.atomic import atomic_folder
 from medseg.io.dicom_case_ids import uid_hash
 from medseg.io.dicom_headers import NON_IMAGE_MODALITIES, NON_IMAGE_SOP_PREFIXES
 
@@ -161,9 +160,7 @@ class DicomWebPacs:
         only when all the PACS reported have arrived, so ``target`` is complete or absent; an existing
         ``target`` is replaced.
         """
-        staging.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{series.name}.", suffix=".tmp", dir=staging))
-        try:
+        with atomic_folder(target, staging_dir=staging, replace=True) as tmp:
             with self._errors(f"retrieve {series.name}"):
                 n = 0
                 stream = self._client.iter_series(series.study_uid, series.uid, media_types=AS_STORED)
@@ -171,14 +168,7 @@ class DicomWebPacs:
                     write_instance(ds, tmp / f"{n:05d}.dcm")
             if series.n_instances is not None and n != series.n_instances:
                 raise PacsError(f"PACS {self.label}: retrieve {series.name}: got {n} of {series.n_instances} instances")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():  # replaced by the new copy: move the old one aside, into the staging area
-                os.replace(target, tmp.with_suffix(".old"))
-            os.replace(tmp, target)
-            return n
-        finally:
-            for leftover in (tmp, tmp.with_suffix(".old")):
-                shutil.rmtree(leftover, ignore_errors=True)
+        return n
 
     def store(self, path: Path) -> str:
         """Store one DICOM file on the PACS (STOW-RS, into its own study); its SOPInstanceUID."""

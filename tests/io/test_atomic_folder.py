@@ -1,4 +1,5 @@
-"""``atomic_folder``: a folder appears whole (with normal permissions) or not at all."""
+"""``atomic_folder``: a folder appears whole (with normal permissions) or not at all; in replace mode the old one
+stays until the new one is whole."""
 
 from __future__ import annotations
 
@@ -44,3 +45,26 @@ def test_existing_non_empty_target_is_not_overwritten(tmp_path: Path) -> None:
         (staging / "new.txt").write_text("new")
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+
+
+def test_replace_swaps_in_the_new_folder_and_removes_the_old(tmp_path: Path) -> None:
+    target, staging_dir = tmp_path / "series" / "s1", tmp_path / ".staging"
+    target.mkdir(parents=True)
+    (target / "old.dcm").write_text("old")
+    with atomic_folder(target, staging_dir=staging_dir, replace=True) as staging:
+        assert staging.parent == staging_dir
+        (staging / "new.dcm").write_text("new")
+        assert [p.name for p in target.iterdir()] == ["old.dcm"]  # the old copy stays until the new one is whole
+    assert [p.name for p in target.iterdir()] == ["new.dcm"]
+    assert list(staging_dir.iterdir()) == []  # neither the staging folder nor the old copy is left
+
+
+def test_failed_replace_keeps_the_old_folder(tmp_path: Path) -> None:
+    target, staging_dir = tmp_path / "s1", tmp_path / ".staging"
+    target.mkdir()
+    (target / "old.dcm").write_text("old")
+    with pytest.raises(RuntimeError, match="half"), atomic_folder(target, staging_dir, replace=True) as staging:
+        (staging / "1.dcm").write_text("x")
+        raise RuntimeError("half a series")
+    assert [p.name for p in target.iterdir()] == ["old.dcm"]
+    assert list(staging_dir.iterdir()) == []
