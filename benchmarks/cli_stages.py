@@ -64,6 +64,25 @@ def run_stage(name: str, args: list[str], env: dict[str, str], cwd: Path, log_di
     return run_stages({name: [*MEDSEG, *args]}, env, cwd, log_dir)[name]
 
 
+def medseg_train_argv(
+    preset: str, manifest: Path, run_dir: Path, db: Path, threads: int, minutes: float, overrides: list[str]
+) -> list[str]:
+    """``medseg train PRESET`` into ``run_dir`` with its own SQLite MLflow store ``db``, ``threads`` threads and a
+    ``minutes`` budget, ``overrides`` last."""
+    return [
+        *MEDSEG,
+        "train",
+        preset,
+        f"data.manifest={manifest}",
+        f"train.output_dir={run_dir.parent}",
+        f"train.run_name={run_dir.name}",
+        f"tracking.uri=sqlite:///{db}",
+        f"train.num_threads={threads}",
+        f"train.max_minutes={minutes}",
+        *overrides,
+    ]
+
+
 def train_beside_plain_and_score(
     preset: str,
     manifest: Path,
@@ -76,30 +95,41 @@ def train_beside_plain_and_score(
     logs: Path,
     threads: int = 1,
     one_after_other: bool = False,
+    seeds: int = 1,
 ) -> dict[str, dict]:
     """``medseg train PRESET`` (``threads`` threads, ``minutes``) and the ``plain`` baseline command side by side
     (or, with ``one_after_other``, medseg first, then the baseline: each then has the whole machine for its
     budget), then ``medseg predict`` and ``medseg evaluate`` of ``split``: run in ``WORK/runs/bench``, masks in
-    ``WORK/predictions``. Returns the four stages' wall times and peak memory (``train`` and ``plain_baseline``
-    as measured, side by side or alone)."""
+    ``WORK/predictions``. Returns the stages' wall times and peak memory (``train`` and ``plain_baseline``
+    as measured, side by side or alone).
+
+    ``seeds`` > 1: medseg's budget is split into that many trainings of seeds 0, 1, ... one after the other
+    (``minutes / seeds`` each, in ``WORK/runs/bench_seedK``), joined by ``medseg ensemble`` into ``WORK/runs/bench``
+    (mean softmax): the whole recipe stays inside ``minutes``."""
     run_dir, preds = work / "runs" / "bench", work / "predictions"
-    train = [
-        *MEDSEG,
-        "train",
-        preset,
-        f"data.manifest={manifest}",
-        f"train.output_dir={run_dir.parent}",
-        f"train.run_name={run_dir.name}",
-        f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
-        f"train.num_threads={threads}",
-        f"train.max_minutes={minutes}",
-        *overrides,
-    ]
+    db = work / "mlflow.db"
+    if seeds <= 1:
+        train_steps = [{"train": medseg_train_argv(preset, manifest, run_dir, db, threads, minutes, overrides)}]
+    else:
+        members = [work / "runs" / f"bench_seed{k}" for k in range(seeds)]
+        train_steps = [
+            {
+                f"train_seed{k}": medseg_train_argv(
+                    preset, manifest, m, db, threads, minutes / seeds, [*overrides, f"train.seed={k}"]
+                )
+            }
+            for k, m in enumerate(members)
+        ]
+        train_steps.append({"ensemble": [*MEDSEG, "ensemble", *map(str, members), "--output", str(run_dir)]})
+    if seeds > 1 and not one_after_other:
+        sys.exit("seeds > 1 trains the members one after the other: use it with one_after_other")
+    stages: dict[str, dict] = {}
     if one_after_other:
-        stages = run_stages({"train": train}, env, REPO, logs)
+        for step in train_steps:
+            stages.update(run_stages(step, env, REPO, logs))
         stages.update(run_stages({"plain_baseline": plain}, env, REPO, logs))
     else:
-        stages = run_stages({"train": train, "plain_baseline": plain}, env, REPO, logs)
+        stages.update(run_stages({**train_steps[0], "plain_baseline": plain}, env, REPO, logs))
     stages.update(predict_and_evaluate(run_dir, manifest, split, preds, env, logs))
     return stages
 
@@ -121,8 +151,11 @@ def predict_and_evaluate(
     return {
         f"predict{tag}": run_stage(f"predict{tag}", [*predict, *predict_options], env, REPO, logs),
         f"evaluate{tag}": run_stage(
-            f"evaluate{tag}", ["evaluate", "--pred", str(preds), "--manifest", str(manifest), "--split", split], env,
-            REPO, logs,
+            f"evaluate{tag}",
+            ["evaluate", "--pred", str(preds), "--manifest", str(manifest), "--split", split],
+            env,
+            REPO,
+            logs,
         ),
     }
 
