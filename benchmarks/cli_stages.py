@@ -83,6 +83,11 @@ def medseg_train_argv(
     ]
 
 
+def seed_run_dirs(work: Path, seeds: int) -> list[Path]:
+    """The run folders of the ``seeds`` members of a seed ensemble trained under ``work``."""
+    return [work / "runs" / f"bench_seed{k}" for k in range(seeds)]
+
+
 def train_beside_plain_and_score(
     preset: str,
     manifest: Path,
@@ -106,12 +111,14 @@ def train_beside_plain_and_score(
     ``seeds`` > 1: medseg's budget is split into that many trainings of seeds 0, 1, ... one after the other
     (``minutes / seeds`` each, in ``WORK/runs/bench_seedK``), joined by ``medseg ensemble`` into ``WORK/runs/bench``
     (mean softmax): the whole recipe stays inside ``minutes``."""
+    if seeds > 1 and not one_after_other:
+        sys.exit("seeds > 1 trains the members one after the other: use it with one_after_other")
     run_dir, preds = work / "runs" / "bench", work / "predictions"
     db = work / "mlflow.db"
     if seeds <= 1:
         train_steps = [{"train": medseg_train_argv(preset, manifest, run_dir, db, threads, minutes, overrides)}]
     else:
-        members = [work / "runs" / f"bench_seed{k}" for k in range(seeds)]
+        members = seed_run_dirs(work, seeds)
         train_steps = [
             {
                 f"train_seed{k}": medseg_train_argv(
@@ -121,8 +128,6 @@ def train_beside_plain_and_score(
             for k, m in enumerate(members)
         ]
         train_steps.append({"ensemble": [*MEDSEG, "ensemble", *map(str, members), "--output", str(run_dir)]})
-    if seeds > 1 and not one_after_other:
-        sys.exit("seeds > 1 trains the members one after the other: use it with one_after_other")
     stages: dict[str, dict] = {}
     if one_after_other:
         for step in train_steps:

@@ -34,7 +34,17 @@ import sys
 import time
 from pathlib import Path
 
-from cli_stages import MEDSEG, REPO, child_env, predict_and_evaluate, run_stage, run_stages, splits_of, write_json
+from cli_stages import (
+    MEDSEG,
+    REPO,
+    child_env,
+    predict_and_evaluate,
+    run_stage,
+    run_stages,
+    seed_run_dirs,
+    splits_of,
+    write_json,
+)
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hippocampus"
 COMMITTED = REPO / "data_manifests" / "hippocampus.json"
@@ -58,7 +68,7 @@ def train_models(a: argparse.Namespace, manifest: Path, work: Path, env: dict[st
         stages["train"] = run_stage("train", ["train", a.preset, *common, "train.run_name=bench",
                                               f"tracking.uri=sqlite:///{work / 'mlflow.db'}", *a.overrides], env, REPO, logs)
         return work / "runs" / "bench", work / "runs" / "bench", False
-    runs = [work / "runs" / f"bench_seed{k}" for k in range(a.seeds)]
+    runs = seed_run_dirs(work, a.seeds)
     # One SQLite store per seed keeps each seed's experiment apart (one shared store works too since medseg sets a new
     # SQLite store up under a file lock: medseg.io.store_lock).
     argv = {f"train_seed{k}": [*MEDSEG, "train", a.preset, *common, f"train.run_name={r.name}", f"train.seed={k}",

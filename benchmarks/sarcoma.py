@@ -34,6 +34,7 @@ from cli_stages import (
     child_env,
     predict_and_evaluate,
     run_stage,
+    seed_run_dirs,
     splits_of,
     train_beside_plain_and_score,
     write_json,
@@ -183,7 +184,7 @@ def main() -> int:
     ms_cases, pj = medseg_cases(preds), json.loads(plain_json.read_text())
     ms, pl = stats(ms_cases), stats(pj["cases"])
     print_table(ms_cases, pj["cases"], ms, pl)
-    members = [work / "runs" / f"bench_seed{k}" for k in range(a.seeds)] if a.seeds > 1 else [run_dir]
+    members = seed_run_dirs(work, a.seeds) if a.seeds > 1 else [run_dir]
     epochs = [epochs_of(m) for m in members]
     first_seed = None
     if a.seeds > 1:  # the ensemble's gain: its first member alone, scored the same way
