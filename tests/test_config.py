@@ -26,12 +26,30 @@ def test_every_preset_validates(preset: str) -> None:
 
 
 def test_overrides_are_typed_and_nested() -> None:
-    cfg = load_config("phantom_unet3d", ["train.epochs=7", "optimizer.lr=0.01", "data.patch_size=[32, 32, 16]",
-                                          "model.params.channels=[8, 16, 32, 64]", "tracking.backend=none"])
+    cfg = load_config(
+        "phantom_unet3d",
+        [
+            "train.epochs=7",
+            "optimizer.lr=0.01",
+            "data.patch_size=[32, 32, 16]",
+            "model.params.channels=[8, 16, 32, 64]",
+            "tracking.backend=none",
+        ],
+    )
     assert cfg.train.epochs == 7 and cfg.optimizer.lr == 0.01
     assert cfg.data.patch_size == (32, 32, 16)
     assert cfg.model.params["channels"] == [8, 16, 32, 64]
     assert cfg.tracking.backend == "none"
+
+
+def test_amp_off_survives_yaml_reading_it_as_false(tmp_path: Path) -> None:
+    """YAML 1.1 reads a bare ``off`` as false; ``train.amp: off`` must still mean fp32 (it was a schema error)."""
+    assert load_config("phantom_unet3d", ["train.amp=off"]).train.amp == "off"
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train:\n  amp: off\n")
+    assert load_config(preset).train.amp == "off"
+    with pytest.raises(ConfigError, match="train.amp"):
+        load_config("phantom_unet3d", ["train.amp=true"])
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -13,8 +15,8 @@ from medseg.runtime.device import resolve_device, resolve_precision
 def test_gpu_settings_fall_back_to_cpu_cleanly() -> None:
     cpu = resolve_device("auto", local_rank=1)
     assert cpu.type == "cpu"
-    for amp in ("auto", "fp16", "bf16", "off"):
-        p = resolve_precision(amp, cpu)
+    for amp in ("auto", "fp16", "off"):
+        p = resolve_precision(amp, cpu, native_bf16=True)
         assert p.dtype is None and not p.use_scaler
     with pytest.raises(ConfigError, match="CUDA is not available"):
         resolve_device("cuda")
@@ -32,3 +34,31 @@ def test_precision_on_cuda_device_object() -> None:
     assert resolve_precision("fp16", cuda).use_scaler and resolve_precision("fp16", cuda).dtype == torch.float16
     assert resolve_precision("bf16", cuda).dtype == torch.bfloat16 and not resolve_precision("bf16", cuda).use_scaler
     assert resolve_precision("off", cuda).dtype is None
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_training_on_the_cpu_is_honoured(native: bool) -> None:
+    """``train.amp: bf16`` autocasts on the CPU (no scaler); without native bf16 a one-time warning says it is slow."""
+    from medseg.runtime import precision as precision_module
+
+    precision_module._warned.discard("train-cpu-bf16")
+    cpu = torch.device("cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        p = resolve_precision("bf16", cpu, native_bf16=native)
+    assert p.dtype == torch.bfloat16 and not p.use_scaler
+    slow = [w for w in caught if "emulated" in str(w.message)]
+    assert len(slow) == (0 if native else 1)
+    net = torch.nn.Conv3d(1, 2, 3)
+    with p.autocast(cpu):
+        out = net(torch.randn(1, 1, 6, 6, 6))
+    assert out.dtype == torch.bfloat16
+
+
+def test_fp16_training_on_the_cpu_falls_back_to_fp32_with_a_warning() -> None:
+    from medseg.runtime import precision as precision_module
+
+    precision_module._warned.discard("train-cpu-fp16")
+    with pytest.warns(UserWarning, match="fp16 is a CUDA setting"):
+        p = resolve_precision("fp16", torch.device("cpu"))
+    assert p.dtype is None and not p.use_scaler
