@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from medseg.errors import ConfigError
+from medseg.runtime.cpu_bf16 import cpu_has_native_bf16, warn_once
 
 
 def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
@@ -43,7 +44,7 @@ def resolve_precision(amp: str, device: torch.device, native_bf16: bool | None =
 
     CUDA: ``auto`` is bf16 on cards that support it, else fp16 with a gradient scaler. CPU: ``bf16`` autocasts the
     forward to bf16 (no scaler: bf16 has fp32's range); on a CPU that computes bf16 natively (``avx512_bf16`` /
-    ``amx_bf16``, see ``medseg.runtime.precision.cpu_has_native_bf16``; ``native_bf16`` overrides the detection)
+    ``amx_bf16``, see ``medseg.runtime.cpu_bf16.cpu_has_native_bf16``; ``native_bf16`` overrides the detection)
     a 3D U-Net step is ~1.4x faster than in fp32; elsewhere it is emulated and slower, so a one-time warning says
     so. ``auto`` stays fp32 on the CPU: bf16 changes the training numerics, so a preset opts in explicitly (as
     ``hippocampus_unet3d`` does) rather than every CPU run changing under the user. ``fp16`` on the CPU falls back
@@ -57,9 +58,6 @@ def resolve_precision(amp: str, device: torch.device, native_bf16: bool | None =
         return Precision(torch.bfloat16, False) if amp == "bf16" else Precision(torch.float16, True)
     if device.type != "cpu" or amp == "auto":
         return Precision(None, False)
-    # Imported here: medseg.runtime.precision imports Precision from this module.
-    from medseg.runtime.precision import cpu_has_native_bf16, warn_once
-
     if amp == "fp16":
         warn_once("train-cpu-fp16", "train.amp fp16 is a CUDA setting: training on the CPU runs in fp32")
         return Precision(None, False)

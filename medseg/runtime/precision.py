@@ -5,7 +5,8 @@ else fp16) and fp32 everywhere else. "Natively" is read from the CPU's feature f
 ``amx_bf16``; ``bf16`` / ``sve_bf16`` on Arm), never from its brand: a CPU without them emulates bf16 and is slower
 in it than in fp32. torch's own view of the CPU (``torch.cpu.get_capabilities``, cpuinfo-based) is asked first,
 ``/proc/cpuinfo`` where that torch lacks it; ``torch.backends.cpu.get_cpu_capability`` only names the vector ISA
-ATen dispatches to (``AVX512``, ``AVX2``), which does not say whether bf16 is there, so it is not used.
+ATen dispatches to (``AVX512``, ``AVX2``), which does not say whether bf16 is there, so it is not used. That
+detection lives in ``medseg.runtime.cpu_bf16`` (training asks it too, ``medseg.runtime.device.resolve_precision``).
 
 Explicit ``bf16`` on a CPU without native bf16 runs (slowly) after a one-time warning; ``fp16`` on the CPU is a
 ``ConfigError``: CPU autocast to fp16 is emulated and far slower than fp32. The windows' self-check against fp32
@@ -19,68 +20,27 @@ a ``PrecisionWarning`` instead of an error.
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
-
 import torch
 
 from medseg.errors import ConfigError
+from medseg.runtime.cpu_bf16 import BF16_FLAGS, PrecisionWarning, cpu_has_native_bf16, cpuinfo_flags, warn_once
 from medseg.runtime.device import Precision
 
+__all__ = [  # the bf16 detection and warnings live in medseg.runtime.cpu_bf16; named here too
+    "BF16_FLAGS",
+    "PrecisionWarning",
+    "cpu_has_native_bf16",
+    "cpuinfo_flags",
+    "warn_once",
+    "SETTINGS",
+    "FULL",
+    "cuda_precision",
+    "resolve_inference_precision",
+    "network_precision",
+]
+
 SETTINGS = ("auto", "fp32", "bf16", "fp16")
-BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")  # x86 (AVX-512 BF16, AMX), Arm (FEAT_BF16, SVE)
-CPUINFO = Path("/proc/cpuinfo")
 FULL = Precision(None, False)
-
-_warned: set[str] = set()  # one-time warnings already given in this process
-
-
-class PrecisionWarning(UserWarning):
-    """Reduced precision that is slow here, or that the self-check turned back to fp32."""
-
-
-def cpuinfo_flags(path: Path = CPUINFO) -> frozenset[str] | None:
-    """The CPU feature flags of the first processor in a ``/proc/cpuinfo``-style file (x86 ``flags``, Arm
-    ``Features``); None where the file is unreadable or lists none (not Linux)."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip().lower() in ("flags", "features"):
-            return frozenset(value.split())
-    return None
-
-
-def torch_cpu_capabilities() -> Mapping[str, Any] | None:
-    """``torch.cpu.get_capabilities()`` (what torch's kernels see), or None on a torch without it (< 2.9)."""
-    get = getattr(torch.cpu, "get_capabilities", None)
-    return get() if callable(get) else None
-
-
-def cpu_has_native_bf16(
-    capabilities: Mapping[str, Any] | None = None, flags: frozenset[str] | None = None, probe: bool = True
-) -> bool:
-    """True when the CPU computes bf16 in hardware (one of ``BF16_FLAGS``).
-
-    ``capabilities`` (torch's map) is consulted first, then ``flags`` (``/proc/cpuinfo``); with ``probe`` the ones
-    not given are read from this machine. A CPU that neither source describes counts as without bf16.
-    """
-    caps = capabilities if capabilities is not None or not probe else torch_cpu_capabilities()
-    if caps is not None and any(name in caps for name in BF16_FLAGS):
-        return any(bool(caps.get(name, False)) for name in BF16_FLAGS)
-    found = flags if flags is not None or not probe else cpuinfo_flags()
-    return bool(found and found.intersection(BF16_FLAGS))
-
-
-def warn_once(key: str, message: str) -> None:
-    """A ``PrecisionWarning`` the first time ``key`` comes up in this process, nothing after."""
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, PrecisionWarning, stacklevel=3)
 
 
 def cuda_precision(setting: str, device: torch.device) -> Precision:
