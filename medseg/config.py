@@ -144,7 +144,7 @@ class TrainConfig(_Strict):
     amp: Literal["auto", "off", "fp16", "bf16"] = Field(
         default="auto",
         description="training autocast: auto = bf16 / fp16 AMP on CUDA, fp32 on the CPU; bf16 also on the CPU "
-        "(~1.4x faster per step where the CPU has avx512_bf16 / amx_bf16); fp16 on the CPU falls back to fp32",
+        "(~1.2x faster per 3D U-Net step where the CPU has avx512_bf16 / amx_bf16); fp16 on the CPU falls back to fp32",
     )
     output_dir: Path = Path("runs")
     run_name: str | None = None

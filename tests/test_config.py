@@ -26,16 +26,8 @@ def test_every_preset_validates(preset: str) -> None:
 
 
 def test_overrides_are_typed_and_nested() -> None:
-    cfg = load_config(
-        "phantom_unet3d",
-        [
-            "train.epochs=7",
-            "optimizer.lr=0.01",
-            "data.patch_size=[32, 32, 16]",
-            "model.params.channels=[8, 16, 32, 64]",
-            "tracking.backend=none",
-        ],
-    )
+    cfg = load_config("phantom_unet3d", ["train.epochs=7", "optimizer.lr=0.01", "data.patch_size=[32, 32, 16]",
+                                          "model.params.channels=[8, 16, 32, 64]", "tracking.backend=none"])
     assert cfg.train.epochs == 7 and cfg.optimizer.lr == 0.01
     assert cfg.data.patch_size == (32, 32, 16)
     assert cfg.model.params["channels"] == [8, 16, 32, 64]

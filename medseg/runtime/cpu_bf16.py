@@ -60,8 +60,20 @@ def cpu_has_native_bf16(
     return bool(found and found.intersection(BF16_FLAGS))
 
 
-def warn_once(key: str, message: str) -> None:
-    """A ``PrecisionWarning`` the first time ``key`` comes up in this process, nothing after."""
+def warn_once(key: str, message: str, stacklevel: int = 3) -> None:
+    """A ``PrecisionWarning`` the first time ``key`` comes up in this process, nothing after (``stacklevel`` as
+    ``warnings.warn``'s, counted from this function's caller's caller by default)."""
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, PrecisionWarning, stacklevel=3)
+        warnings.warn(message, PrecisionWarning, stacklevel=stacklevel)
+
+
+def warn_emulated_bf16(setting: str) -> None:
+    """The one-time warning that ``setting`` (``train.amp``, ``inference.precision``) asks for bf16 on a CPU that
+    only emulates it."""
+    warn_once(
+        f"{setting}: emulated bf16",
+        f"{setting} bf16: this CPU has no native bf16 (no avx512_bf16 / amx_bf16): bf16 is emulated and slower than "
+        "fp32 here",
+        stacklevel=4,  # the caller of the function that resolved the setting, as a direct warn_once call reports
+    )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from medseg.errors import ConfigError
-from medseg.runtime.cpu_bf16 import cpu_has_native_bf16, warn_once
+from medseg.runtime.cpu_bf16 import cpu_has_native_bf16, warn_emulated_bf16, warn_once
 
 
 def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
@@ -45,9 +45,9 @@ def resolve_precision(amp: str, device: torch.device, native_bf16: bool | None =
     CUDA: ``auto`` is bf16 on cards that support it, else fp16 with a gradient scaler. CPU: ``bf16`` autocasts the
     forward to bf16 (no scaler: bf16 has fp32's range); on a CPU that computes bf16 natively (``avx512_bf16`` /
     ``amx_bf16``, see ``medseg.runtime.cpu_bf16.cpu_has_native_bf16``; ``native_bf16`` overrides the detection)
-    a 3D U-Net step is ~1.4x faster than in fp32; elsewhere it is emulated and slower, so a one-time warning says
-    so. ``auto`` stays fp32 on the CPU: bf16 changes the training numerics, so a preset opts in explicitly (as
-    ``hippocampus_unet3d`` does) rather than every CPU run changing under the user. ``fp16`` on the CPU falls back
+    a hippocampus U-Net training step is ~1.2x faster than in fp32; elsewhere it is emulated and slower, so a
+    one-time warning says so. ``auto`` stays fp32 on the CPU: bf16 changes the training numerics and is slow where
+    emulated, so a run opts in explicitly rather than every CPU run changing under the user. ``fp16`` on the CPU falls back
     to fp32 with a one-time warning (CPU fp16 autocast is emulated; a GPU config must still run on a CPU host).
     """
     if amp == "off":
@@ -63,9 +63,5 @@ def resolve_precision(amp: str, device: torch.device, native_bf16: bool | None =
         return Precision(None, False)
     native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
     if not native:
-        warn_once(
-            "train-cpu-bf16",
-            "train.amp bf16: this CPU has no native bf16 (no avx512_bf16 / amx_bf16): bf16 is emulated and slower "
-            "than fp32 here",
-        )
+        warn_emulated_bf16("train.amp")
     return Precision(torch.bfloat16, False)

@@ -23,21 +23,9 @@ from __future__ import annotations
 import torch
 
 from medseg.errors import ConfigError
-from medseg.runtime.cpu_bf16 import BF16_FLAGS, PrecisionWarning, cpu_has_native_bf16, cpuinfo_flags, warn_once
+from medseg.runtime.cpu_bf16 import PrecisionWarning as PrecisionWarning  # re-exported: the predictors warn with it
+from medseg.runtime.cpu_bf16 import cpu_has_native_bf16, warn_emulated_bf16
 from medseg.runtime.device import Precision
-
-__all__ = [  # the bf16 detection and warnings live in medseg.runtime.cpu_bf16; named here too
-    "BF16_FLAGS",
-    "PrecisionWarning",
-    "cpu_has_native_bf16",
-    "cpuinfo_flags",
-    "warn_once",
-    "SETTINGS",
-    "FULL",
-    "cuda_precision",
-    "resolve_inference_precision",
-    "network_precision",
-]
 
 SETTINGS = ("auto", "fp32", "bf16", "fp16")
 FULL = Precision(None, False)
@@ -74,11 +62,7 @@ def resolve_inference_precision(setting: str, device: torch.device, native_bf16:
         )
     native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
     if setting == "bf16" and not native:
-        warn_once(
-            "cpu-bf16",
-            "inference.precision bf16: this CPU has no native bf16 (no avx512_bf16 / amx_bf16): bf16 is emulated "
-            "and slower than fp32 here",
-        )
+        warn_emulated_bf16("inference.precision")
     if setting == "bf16" or (setting == "auto" and native):
         return Precision(torch.bfloat16, False)
     return FULL

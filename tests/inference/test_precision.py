@@ -40,8 +40,9 @@ from medseg.inference.sliding import (
     network_fn,
     window_logits,
 )
+from medseg.runtime.cpu_bf16 import cpu_has_native_bf16, cpuinfo_flags
 from medseg.runtime.device import Precision
-from medseg.runtime.precision import PrecisionWarning, cpu_has_native_bf16, cpuinfo_flags, resolve_inference_precision
+from medseg.runtime.precision import PrecisionWarning, resolve_inference_precision
 from tests.helpers import REPO, copy_phantom_scans, expected_mask, oracle_model, phantom_package
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)

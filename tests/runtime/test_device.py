@@ -41,7 +41,7 @@ def test_bf16_training_on_the_cpu_is_honoured(native: bool) -> None:
     """``train.amp: bf16`` autocasts on the CPU (no scaler); without native bf16 a one-time warning says it is slow."""
     from medseg.runtime import cpu_bf16
 
-    cpu_bf16._warned.discard("train-cpu-bf16")
+    cpu_bf16._warned.clear()  # the warnings are one-time per process
     cpu = torch.device("cpu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -58,7 +58,7 @@ def test_bf16_training_on_the_cpu_is_honoured(native: bool) -> None:
 def test_fp16_training_on_the_cpu_falls_back_to_fp32_with_a_warning() -> None:
     from medseg.runtime import cpu_bf16
 
-    cpu_bf16._warned.discard("train-cpu-fp16")
+    cpu_bf16._warned.clear()
     with pytest.warns(UserWarning, match="fp16 is a CUDA setting"):
         p = resolve_precision("fp16", torch.device("cpu"))
     assert p.dtype is None and not p.use_scaler
